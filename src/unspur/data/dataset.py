@@ -1,0 +1,75 @@
+"""``GroupDataset``: a split of a :class:`GroupTable` as a torch ``Dataset``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from unspur.data.table import GroupTable
+from unspur.errors import DataError
+
+
+class GroupDataset(Dataset):
+    """Items are ``(image_tensor, y, g, index)``; ``index`` is the row in ``table``.
+
+    ``raw(i)`` returns the untransformed PIL image for generators and segmenters, so the
+    classifier's transforms never leak into them.
+    """
+
+    def __init__(self, table: GroupTable, transform: Callable[[Image.Image], torch.Tensor]):
+        self.table = table
+        self.transform = transform
+        self.filenames = table.frame["filename"].tolist()
+        self.y = torch.as_tensor(table.frame["y"].to_numpy(), dtype=torch.long)
+        self.a = torch.as_tensor(table.frame["a"].to_numpy(), dtype=torch.long)
+        self.g = torch.as_tensor(table.groups, dtype=torch.long)
+
+    def __len__(self) -> int:
+        return len(self.filenames)
+
+    def raw(self, index: int) -> Image.Image:
+        return self.table.store.open(self.filenames[index]).convert("RGB")
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int, int]:
+        x = self.transform(self.raw(index))
+        return x, int(self.y[index]), int(self.g[index]), index
+
+    @property
+    def n_groups(self) -> int:
+        return self.table.n_groups
+
+    @property
+    def n_classes(self) -> int:
+        return self.table.n_classes
+
+    def group_counts(self) -> torch.Tensor:
+        return torch.bincount(self.g, minlength=self.n_groups)
+
+
+def drop_bad_images(table: GroupTable, policy: str = "fail") -> GroupTable:
+    """Decode every image once; with ``policy="skip"`` drop the ones that fail.
+
+    With ``"fail"`` nothing is scanned up front: the first unreadable image raises a
+    :class:`DataError` naming it when it is loaded. The number skipped is recorded in
+    ``table.info["skipped_bad_images"]`` and the names in ``..._files``.
+    """
+    if policy == "fail":
+        return table
+    if policy != "skip":
+        raise DataError(f"on_bad_image must be 'fail' or 'skip', got {policy!r}")
+    good = np.ones(len(table.frame), dtype=bool)
+    bad: list[str] = []
+    for i, name in enumerate(table.frame["filename"]):
+        try:
+            table.store.open(name)
+        except DataError:
+            good[i] = False
+            bad.append(name)
+    result = table.subset(good)
+    result.info["skipped_bad_images"] = len(bad)
+    result.info["skipped_bad_image_files"] = bad[:20]
+    return result

@@ -1,0 +1,1 @@
+"""Built-in readers; importing this package registers them all."""
