@@ -1,0 +1,585 @@
+"""Readers for benchmarks shipped as class/attribute folders, and the helpers they share.
+
+Layouts read here:
+
+- ``folders``: the generic ``root/<split>/<class>/<attribute>/<image>`` layout (or
+  ``root/<class>/<attribute>/<image>`` with a seeded split).
+- ``spuco_animals``: SpuCo's ``spuco_birds/<split>/<class>/<context>/`` and
+  ``spuco_dogs/<split>/...`` folders, and the flat sample files ``{ll,lw,...}N.png``.
+- ``bffhq`` and ``dogs_cats``: the DisEnt / BiasEnsemble release, where
+  ``<percent>/align/<label>/`` and ``<percent>/conflict/<label>/`` hold the training images
+  and every file name ends in ``_<y>_<a>.<ext>``.
+
+The helpers (walking class/attribute folders, finding split folders, a deterministic
+stratified split, checking metadata paths and missing files) are used by the other
+file readers too, so each benchmark is only a mapping from its names to ``(y, a)``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable, Sequence
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+import pandas as pd
+
+from unspur.data.registry import reader
+from unspur.data.store import FolderStore, safe_join
+from unspur.data.table import SPLITS, GroupTable
+from unspur.errors import ConfigError, DataError
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
+
+# Folder names benchmarks use for their splits, mapped to the canonical names.
+SPLIT_ALIASES = {
+    "train": "train",
+    "training": "train",
+    "val": "val",
+    "valid": "val",
+    "validation": "val",
+    "test": "test",
+    "testing": "test",
+}
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def require_root(root: Path | None, dataset: str) -> Path:
+    """The dataset root as a directory, or an error saying what to pass."""
+    if root is None:
+        raise ConfigError(
+            f"dataset {dataset!r} reads local files: pass the folder that holds them "
+            "(e.g. --data-root /path/to/data)"
+        )
+    root = Path(root)
+    if not root.exists():
+        raise DataError(f"{dataset}: data root {root} does not exist; check the path")
+    if not root.is_dir():
+        raise DataError(f"{dataset}: data root {root} is not a directory; pass its folder")
+    return root
+
+
+def is_image(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+
+
+def list_images(directory: Path) -> list[Path]:
+    """Image files below ``directory`` (recursively), sorted so results are stable."""
+    found: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(directory):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        found.extend(Path(dirpath) / f for f in filenames if is_image(Path(f)))
+    return sorted(found)
+
+
+def relative(path: Path, root: Path) -> str:
+    """``path`` as the POSIX path the table stores (relative to ``root``)."""
+    return path.relative_to(root).as_posix()
+
+
+def subdirs(directory: Path) -> list[Path]:
+    if not directory.is_dir():
+        return []
+    return sorted(p for p in directory.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def find_split_dirs(base: Path) -> dict[str, Path]:
+    """Split folders directly under ``base`` (``train``, ``val``/``valid``, ``test``)."""
+    found: dict[str, Path] = {}
+    for directory in subdirs(base):
+        split = SPLIT_ALIASES.get(directory.name.lower())
+        if split is not None and split not in found:
+            found[split] = directory
+    return found
+
+
+def walk_class_attr(base: Path, root: Path) -> list[tuple[str, str, str]]:
+    """Images in ``base/<class>/<attribute>/...`` as ``(filename, class, attribute)``.
+
+    ``filename`` is relative to ``root`` (the store's root). Images deeper inside an
+    attribute folder belong to it; images directly in a class folder are ignored.
+    """
+    records: list[tuple[str, str, str]] = []
+    for class_dir in subdirs(base):
+        for attr_dir in subdirs(class_dir):
+            for path in list_images(attr_dir):
+                records.append((relative(path, root), class_dir.name, attr_dir.name))
+    return records
+
+
+def name_index(
+    found: Iterable[str], given: Sequence[str] | None, what: str, where: str
+) -> dict[str, int]:
+    """Map folder names to label indices: the order of ``given``, else sorted order."""
+    found = sorted(set(found))
+    if not given:
+        return {name: i for i, name in enumerate(found)}
+    index = {name: i for i, name in enumerate(given)}
+    unknown = [name for name in found if name not in index]
+    if unknown:
+        raise DataError(
+            f"{where}: {what} folder(s) {unknown} are not in the {what} names given "
+            f"{list(given)}; add them to the {what}_names option or remove the folders"
+        )
+    return index
+
+
+def check_relative(filename: str, where: str, root: Path) -> None:
+    """Refuse a metadata path that is absolute or climbs out of the root.
+
+    A lexical check (fast enough for 200k rows); :func:`safe_join` makes the error and
+    FolderStore repeats the check on the resolved path when the image is opened.
+    """
+    path = PurePosixPath(filename.replace("\\", "/"))
+    if path.is_absolute() or ".." in path.parts or re.match(r"^[A-Za-z]:", filename):
+        try:
+            safe_join(root, filename)
+        except DataError as exc:
+            raise DataError(f"{where}: {exc}") from None
+        raise DataError(
+            f"{where}: path {filename!r} must be relative to the data root {root} "
+            "without '..' components"
+        )
+
+
+def missing_files(root: Path, filenames: Iterable[str]) -> list[str]:
+    """Table filenames with no file under ``root``, listing each folder only once."""
+    listings: dict[str, set[str]] = {}
+    missing: list[str] = []
+    for name in filenames:
+        parent, _, base = name.rpartition("/")
+        if parent not in listings:
+            try:
+                listings[parent] = set(os.listdir(root / parent))
+            except (FileNotFoundError, NotADirectoryError):
+                listings[parent] = set()
+        if base not in listings[parent]:
+            missing.append(name)
+    return missing
+
+
+def raise_if_missing(dataset: str, root: Path, filenames: Iterable[str], hint: str) -> None:
+    """A DataError with the count and first few missing images, if any are missing."""
+    missing = missing_files(root, filenames)
+    if missing:
+        shown = ", ".join(missing[:5])
+        raise DataError(
+            f"{dataset}: {len(missing)} image file(s) listed in the metadata are missing "
+            f"under {root} (first: {shown}). {hint} Pass check_files=false to skip this check."
+        )
+
+
+def check_fractions(val_fraction: float, test_fraction: float, dataset: str) -> None:
+    for key, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+        if not 0.0 <= value < 1.0:
+            raise ConfigError(f"dataset {dataset!r}: {key}={value} must be in [0, 1)")
+    if val_fraction + test_fraction >= 1.0:
+        raise ConfigError(
+            f"dataset {dataset!r}: val_fraction + test_fraction = "
+            f"{val_fraction + test_fraction} leaves no training images; make them sum below 1"
+        )
+
+
+def assign_splits(
+    frame: pd.DataFrame,
+    val_fraction: float,
+    test_fraction: float,
+    seed: int,
+    by: Sequence[str] = ("y", "a"),
+) -> np.ndarray:
+    """A deterministic split stratified by ``by``: the same seed gives the same split.
+
+    Rows of each stratum are sorted by filename (so the listing order of the file system
+    does not matter), shuffled with ``seed`` and cut into ``round(n * val_fraction)``
+    val rows, ``round(n * test_fraction)`` test rows and the rest train.
+    """
+    split = np.full(len(frame), "train", dtype=object)
+    rng = np.random.default_rng(seed)
+    keys = frame[list(by)].astype(str).agg("|".join, axis=1) if len(frame) else pd.Series()
+    order = np.lexsort((frame["filename"].to_numpy(dtype=str), keys.to_numpy(dtype=str)))
+    sorted_keys = keys.to_numpy(dtype=str)[order]
+    for key in sorted(set(sorted_keys)):
+        rows = order[sorted_keys == key]
+        rows = rows[rng.permutation(len(rows))]
+        n_val = int(round(len(rows) * val_fraction))
+        n_test = int(round(len(rows) * test_fraction))
+        split[rows[:n_val]] = "val"
+        split[rows[n_val : n_val + n_test]] = "test"
+    return split
+
+
+def int_column(frame: pd.DataFrame, column: str, where: str, first_line: int = 2) -> pd.Series:
+    """``frame[column]`` as integers; the error names the file line of the first bad value.
+
+    ``first_line`` is the file line of the frame's first row (2 after a CSV header).
+    """
+    values = pd.to_numeric(frame[column], errors="coerce")
+    bad = values.isna() | (values != values.round())
+    if bad.any():
+        row = int(np.flatnonzero(bad.to_numpy())[0])
+        raise DataError(
+            f"{where}: row {row + 1} (line {row + first_line}), column {column!r}: "
+            f"{frame[column].iloc[row]!r} is not an integer label; fix that row"
+        )
+    return values.astype(np.int64)
+
+
+def _frame(records: list[tuple[str, int, int, str]]) -> pd.DataFrame:
+    frame = pd.DataFrame(records, columns=["filename", "y", "a", "split"])
+    return frame.astype({"y": np.int64, "a": np.int64})
+
+
+# --------------------------------------------------------------------------- folders
+
+
+@reader("folders")
+def read_folders(
+    root: Path,
+    class_names: list[str] | None = None,
+    attr_names: list[str] | None = None,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+) -> GroupTable:
+    """Any dataset laid out as ``root/<split>/<class>/<attribute>/<image>``.
+
+    Split folders may be named ``train``, ``val``/``valid``/``validation`` and ``test``.
+    Without split folders the layout ``root/<class>/<attribute>/<image>`` is read and
+    split by ``seed`` (stratified by group, ``val_fraction``/``test_fraction``).
+    ``class_names``/``attr_names`` fix the label order (default: sorted folder names).
+    """
+    root = require_root(root, "folders")
+    split_dirs = find_split_dirs(root)
+    records: list[tuple[str, str, str, str]] = []
+    if split_dirs:
+        for split, directory in split_dirs.items():
+            records += [(f, c, a, split) for f, c, a in walk_class_attr(directory, root)]
+        split_source = "folders"
+    else:
+        check_fractions(val_fraction, test_fraction, "folders")
+        records = [(f, c, a, "train") for f, c, a in walk_class_attr(root, root)]
+        split_source = f"seeded (seed={seed}, val={val_fraction}, test={test_fraction})"
+    if not records:
+        raise DataError(
+            f"folders: no images found under {root}; expected "
+            "root/<split>/<class>/<attribute>/<image> or root/<class>/<attribute>/<image>"
+        )
+    classes = name_index((r[1] for r in records), class_names, "class", f"folders {root}")
+    attrs = name_index((r[2] for r in records), attr_names, "attr", f"folders {root}")
+    frame = _frame([(f, classes[c], attrs[a], s) for f, c, a, s in records])
+    if not split_dirs:
+        frame["split"] = assign_splits(frame, val_fraction, test_fraction, seed)
+    return GroupTable(
+        frame=frame,
+        store=FolderStore(root),
+        class_names=list(class_names or sorted(classes, key=classes.get)),
+        attr_names=list(attr_names or sorted(attrs, key=attrs.get)),
+        name="folders",
+        info={"root": str(root), "split_source": split_source},
+    )
+
+
+# --------------------------------------------------------------------------- SpuCo
+
+
+_SPUCO_SUBSETS = {
+    # subset -> (dataset folder in SpuCo's release, classes, attributes)
+    "birds": ("spuco_birds", ["landbird", "waterbird"], ["land", "water"]),
+    "dogs": ("spuco_dogs", ["small_dog", "big_dog"], ["indoor", "outdoor"]),
+}
+# Prefix letters of the flat sample files: {class letter}{attribute letter}N.png.
+_SPUCO_SAMPLE = {
+    "ll": ("landbird", "land"),
+    "lw": ("landbird", "water"),
+    "wl": ("waterbird", "land"),
+    "ww": ("waterbird", "water"),
+    "si": ("small_dog", "indoor"),
+    "so": ("small_dog", "outdoor"),
+    "bi": ("big_dog", "indoor"),
+    "bo": ("big_dog", "outdoor"),
+}
+_SPUCO_SAMPLE_RE = re.compile(r"^(ll|lw|wl|ww|si|so|bi|bo)(\d+)$")
+
+
+def _spuco_class(folder: str) -> str | None:
+    """SpuCo class folder (``landbirds``, ``small_dogs``, ``small_dog_breeds``) -> name."""
+    key = folder.lower().replace("-", "_").replace(" ", "_").removesuffix("_breeds")
+    key = key.removesuffix("s")
+    aliases = {"landbird": "landbird", "land_bird": "landbird", "waterbird": "waterbird"}
+    aliases |= {"water_bird": "waterbird", "small_dog": "small_dog", "smalldog": "small_dog"}
+    aliases |= {"big_dog": "big_dog", "bigdog": "big_dog", "large_dog": "big_dog"}
+    return aliases.get(key)
+
+
+@reader("spuco_animals")
+def read_spuco_animals(
+    root: Path,
+    subset: str = "all",
+    val_fraction: float = 0.25,
+    test_fraction: float = 0.25,
+    seed: int = 0,
+) -> GroupTable:
+    """SpuCo Animals (landbirds/waterbirds x land/water, small/big dogs x indoor/outdoor).
+
+    ``subset="all"`` is SpuCo's ``SpuCoAnimals``: 4 classes (landbird, waterbird,
+    small_dog, big_dog) x 4 attributes (land, water, indoor, outdoor), so 8 of the 16
+    groups are non-empty by construction. ``"birds"`` and ``"dogs"`` are ``SpuCoBirds``
+    and ``SpuCoDogs`` (2 x 2 groups each).
+
+    Layouts: SpuCo's release ``root/spuco_birds/<split>/<class>/<context>/`` and
+    ``root/spuco_dogs/<split>/...``; ``root/<split>/<class>/<context>/``; or the flat
+    sample files ``{ll,lw,wl,ww,si,so,bi,bo}N.png`` (first letter class, second letter
+    context), which have no split: it is drawn by ``seed``, stratified by group, with
+    ``val_fraction``/``test_fraction`` (the options are unused when split folders exist).
+    """
+    root = require_root(root, "spuco_animals")
+    if subset == "all":
+        parts = ["birds", "dogs"]
+    elif subset in _SPUCO_SUBSETS:
+        parts = [subset]
+    else:
+        raise ConfigError(
+            f"dataset 'spuco_animals': subset={subset!r} is not one of all, birds, dogs"
+        )
+    class_names = [c for p in parts for c in _SPUCO_SUBSETS[p][1]]
+    attr_names = [a for p in parts for a in _SPUCO_SUBSETS[p][2]]
+    y_of = {c: i for i, c in enumerate(class_names)}
+    a_of = {a: i for i, a in enumerate(attr_names)}
+
+    records: list[tuple[str, int, int, str]] = []
+    seen: set[str] = set()
+    for part in parts:
+        folder, part_classes, part_attrs = _SPUCO_SUBSETS[part]
+        for base in (root / folder, root):
+            for split, split_dir in find_split_dirs(base).items():
+                for filename, class_dir, attr_dir in walk_class_attr(split_dir, root):
+                    name = _spuco_class(class_dir)
+                    if name is None:
+                        raise DataError(
+                            f"spuco_animals: class folder {split_dir / class_dir} is not a "
+                            "SpuCo class (landbirds, waterbirds, small_dogs, big_dogs)"
+                        )
+                    if name not in part_classes or filename in seen:
+                        continue
+                    attr = attr_dir.lower()
+                    if attr not in part_attrs:
+                        raise DataError(
+                            f"spuco_animals: context folder {split_dir / class_dir / attr_dir} "
+                            f"is not one of {part_attrs} for class {name}"
+                        )
+                    seen.add(filename)
+                    records.append((filename, y_of[name], a_of[attr], split))
+    layout = "split folders"
+    if not records:
+        layout = "flat sample files"
+        for path in list_images(root):
+            match = _SPUCO_SAMPLE_RE.match(path.stem.lower())
+            if path.parent != root or match is None:
+                continue
+            name, attr = _SPUCO_SAMPLE[match.group(1)]
+            if name in y_of:
+                records.append((relative(path, root), y_of[name], a_of[attr], "train"))
+    if not records:
+        raise DataError(
+            f"spuco_animals: no images found under {root}; expected spuco_birds/<split>/"
+            "<class>/<context>/ and spuco_dogs/<split>/..., <split>/<class>/<context>/, "
+            "or flat files named {ll,lw,wl,ww,si,so,bi,bo}N.png"
+        )
+    frame = _frame(records)
+    info: dict[str, object] = {"root": str(root), "layout": layout, "subset": subset}
+    if layout == "flat sample files":
+        check_fractions(val_fraction, test_fraction, "spuco_animals")
+        frame["split"] = assign_splits(frame, val_fraction, test_fraction, seed)
+        info["split_source"] = f"seeded (seed={seed}, val={val_fraction}, test={test_fraction})"
+    else:
+        info["split_source"] = "folders"
+    return GroupTable(
+        frame=frame,
+        store=FolderStore(root),
+        class_names=class_names,
+        attr_names=attr_names,
+        name="spuco_animals" if subset == "all" else f"spuco_{subset}",
+        info=info,
+    )
+
+
+# --------------------------------------------------------------------------- align/conflict
+
+
+_LABELLED_NAME = re.compile(r"_(\d+)_(\d+)$")
+
+
+def _labels_from_name(path: Path) -> tuple[int, int] | None:
+    """``(y, a)`` from a DisEnt-style name ``<anything>_<y>_<a>.<ext>``."""
+    match = _LABELLED_NAME.search(path.stem)
+    return (int(match.group(1)), int(match.group(2))) if match else None
+
+
+def read_align_conflict(
+    root: Path,
+    dataset: str,
+    directories: dict[str, list[Path]],
+    n_classes: int,
+    n_attrs: int,
+) -> tuple[pd.DataFrame, dict[str, object]]:
+    """Images in ``directories[split]`` labelled by their ``_<y>_<a>`` name suffix.
+
+    Files whose names carry no labels are skipped and counted; labels out of range are
+    an error naming the file.
+    """
+    records: list[tuple[str, int, int, str]] = []
+    unlabelled: list[str] = []
+    for split, dirs in directories.items():
+        for directory in dirs:
+            for path in list_images(directory):
+                labels = _labels_from_name(path)
+                if labels is None:
+                    unlabelled.append(relative(path, root))
+                    continue
+                y, a = labels
+                if y >= n_classes or a >= n_attrs:
+                    raise DataError(
+                        f"{dataset}: file {path} has labels y={y}, a={a} in its name; "
+                        f"expected y < {n_classes} and a < {n_attrs}"
+                    )
+                records.append((relative(path, root), y, a, split))
+    frame = _frame(records)
+    info: dict[str, object] = {
+        "unlabelled_files": len(unlabelled),
+        "unlabelled_examples": unlabelled[:10],
+    }
+    if len(frame):
+        train = frame[frame["split"] == "train"]
+        if len(train):
+            info["train_conflict_fraction"] = float((train["y"] != train["a"]).mean())
+    return frame, info
+
+
+def _first_dir(*candidates: Path) -> Path | None:
+    return next((c for c in candidates if c.is_dir()), None)
+
+
+def _align_conflict_dirs(root: Path, percent: str, dataset: str) -> tuple[Path, Path, Path]:
+    """(train folder holding align/ and conflict/, valid folder, test folder)."""
+    train = _first_dir(root / percent, root / "train")
+    if train is None or not (train / "align").is_dir():
+        if (root / "align").is_dir():
+            raise DataError(
+                f"{dataset}: {root} looks like one bias-severity folder (it holds align/); "
+                f"pass its parent, which also holds valid/ and test/, and percent={root.name}"
+            )
+        present = [p.name for p in subdirs(root)]
+        raise DataError(
+            f"{dataset}: no training folder {root / percent}/align (or {root}/train/align); "
+            f"folders present: {present}. Pass the dataset folder and the bias severity, "
+            "e.g. percent=0.5pct"
+        )
+    valid = _first_dir(train / "valid", root / "valid", root / "val")
+    test = _first_dir(train / "test", root / "test")
+    if valid is None or test is None:
+        raise DataError(
+            f"{dataset}: expected valid/ and test/ folders under {root} (or {train}); "
+            "the release has <root>/valid and <root>/test next to the bias-severity folders"
+        )
+    return train, valid, test
+
+
+@reader("bffhq")
+def read_bffhq(root: Path, percent: str = "0.5pct", test_conflict_only: bool = False) -> GroupTable:
+    """BFFHQ (biased FFHQ; Kim et al. 2021, released with DisEnt): age with gender bias.
+
+    Layout as released: ``root/<percent>/align/<label>/*.png``,
+    ``root/<percent>/conflict/<label>/*.png``, ``root/valid/*.png``, ``root/test/*.png``
+    (``root/train/align/...`` is accepted too). Labels come from the file names
+    ``<idx>_<y>_<a>.png``: y = age (0 young, 1 old), a = gender (0 female, 1 male);
+    bias-aligned pairs are young women and old men. DisEnt evaluates on the
+    bias-conflicting test images only; ``test_conflict_only=true`` does the same, the
+    default keeps every test image so all four groups can be measured.
+    """
+    root = require_root(root, "bffhq")
+    train, valid, test = _align_conflict_dirs(root, percent, "bffhq")
+    frame, info = read_align_conflict(
+        root,
+        "bffhq",
+        {"train": [train / "align", train / "conflict"], "val": [valid], "test": [test]},
+        2,
+        2,
+    )
+    if test_conflict_only:
+        frame = frame[(frame["split"] != "test") | (frame["y"] != frame["a"])]
+    if frame.empty:
+        raise DataError(f"bffhq: no labelled images (<idx>_<y>_<a>.png) found under {root}")
+    info |= {"root": str(root), "percent": percent, "test_conflict_only": test_conflict_only}
+    return GroupTable(
+        frame=frame,
+        store=FolderStore(root),
+        class_names=["young", "old"],
+        attr_names=["female", "male"],
+        name="bffhq",
+        info=info,
+    )
+
+
+@reader("dogs_cats")
+def read_dogs_cats(
+    root: Path,
+    percent: str = "1pct",
+    csv: str | None = None,
+    class_names: list[str] | None = None,
+    attr_names: list[str] | None = None,
+) -> GroupTable:
+    """Dogs & Cats with a colour bias (Kim et al. 2019, as re-released by BiasEnsemble).
+
+    Layouts, tried in order:
+
+    - ``csv=<file>``: a canonical ``filename,y,a,split`` CSV relative to ``root`` (the
+      ``csv`` reader's format);
+    - the BiasEnsemble / DiffInject release: ``root/<percent>/align/<y>/``,
+      ``root/<percent>/conflict/<y>/``, ``root/<percent>/valid/`` (or ``root/valid``) and
+      ``root/test/``, file names ending in ``_<y>_<a>.<ext>``;
+    - ``root/<split>/<class>/<attribute>/`` folders (the ``folders`` reader).
+
+    y: 0 cat, 1 dog. a is the fur colour the release pairs with each class (a = y is
+    bias-aligned); the release does not name the colours, so the default attribute
+    names say which class each colour goes with. Override with ``attr_names``.
+    """
+    root = require_root(root, "dogs_cats")
+    classes = list(class_names or ["cat", "dog"])
+    attrs = list(attr_names or ["cat-typical colour", "dog-typical colour"])
+    if csv is not None:
+        from unspur.data.readers.csv_table import read_csv_table
+
+        table = read_csv_table(root, csv=csv, class_names=classes, attr_names=attrs)
+        table.name = "dogs_cats"
+        return table
+    if (root / percent).is_dir() or (root / "train" / "align").is_dir() or (root / "align").is_dir():
+        train, valid, test = _align_conflict_dirs(root, percent, "dogs_cats")
+        frame, info = read_align_conflict(
+            root,
+            "dogs_cats",
+            {"train": [train / "align", train / "conflict"], "val": [valid], "test": [test]},
+            len(classes),
+            len(attrs),
+        )
+        if frame.empty:
+            raise DataError(f"dogs_cats: no labelled images (*_<y>_<a>.<ext>) under {root}")
+        info |= {"root": str(root), "percent": percent, "layout": "align/conflict"}
+        return GroupTable(
+            frame=frame,
+            store=FolderStore(root),
+            class_names=classes,
+            attr_names=attrs,
+            name="dogs_cats",
+            info=info,
+        )
+    if find_split_dirs(root):
+        table = read_folders(root, class_names=class_names, attr_names=attr_names)
+        table.name = "dogs_cats"
+        return table
+    raise DataError(
+        f"dogs_cats: {root} has neither {percent}/align/ (the BiasEnsemble release), "
+        "<split>/<class>/<attribute>/ folders, nor was csv=<file> given"
+    )

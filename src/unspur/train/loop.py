@@ -1,0 +1,297 @@
+"""The one training loop every method runs through.
+
+Methods differ in *what* they minimise (an :class:`Objective`), *which samples* they
+draw (sampler weights), and *which parameters* they update (e.g. only the head); the
+loop owns everything else: optimisation, per-epoch validation, model selection,
+checkpoints and resume, seeding, progress and device placement (through accelerate).
+
+On disk, in ``out_dir``:
+  ``checkpoints/last/``  model + trainer state after the last finished epoch
+  ``best/``              the selected model (``model.safetensors`` + ``model.json``)
+  ``history.json``       per-epoch training loss and validation metrics
+A restart with the same arguments resumes after the last finished epoch and, because
+every epoch reseeds from ``(seed, epoch)``, ends with the same weights as an
+uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, RandomSampler, WeightedRandomSampler
+
+from unspur.config import TrainConfig
+from unspur.data.dataset import GroupDataset
+from unspur.errors import CheckpointError, UnspurError
+from unspur.evaluate.metrics import GroupMetrics
+from unspur.evaluate.predict import evaluate_split
+from unspur.io import atomic_dir, atomic_write_json, recover_dir
+from unspur.models.checkpoint import load_weights, save_checkpoint
+from unspur.train.objectives import Objective
+from unspur.train.seeding import epoch_seed, seed_everything
+
+SELECTION_DESCRIPTIONS = {
+    "worst_group": "epoch with the highest validation worst-group accuracy",
+    "average": "epoch with the highest validation accuracy (no group labels used)",
+    "last": "the last epoch",
+}
+
+
+@dataclass
+class FitResult:
+    best_epoch: int
+    selection: str
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best_val: dict[str, float] | None = None
+
+
+def resolve_selection(rule: str, val_group_labels: bool, has_val: bool) -> str:
+    """``auto`` means worst-group when validation group labels may be used."""
+    if not has_val:
+        return "last"
+    if rule == "auto":
+        return "worst_group" if val_group_labels else "average"
+    if rule == "worst_group" and not val_group_labels:
+        raise UnspurError(
+            "train.selection=worst_group needs validation group labels, but this method "
+            "runs without them; use selection=average or auto"
+        )
+    return rule
+
+
+def make_accelerator(config: TrainConfig):
+    from accelerate import Accelerator
+
+    cpu = config.device == "cpu" or (config.device == "auto" and not torch.cuda.is_available())
+    if config.device == "cuda" and not torch.cuda.is_available():
+        raise UnspurError("train.device=cuda but no CUDA device is available; use auto or cpu")
+    return Accelerator(cpu=cpu, mixed_precision=config.mixed_precision)
+
+
+def make_optimizer(params: Iterable[nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
+    params = [p for p in params if p.requires_grad]
+    if not params:
+        raise UnspurError("nothing to train: every parameter is frozen")
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(
+            params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+        )
+    if config.optimizer == "adam":
+        return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig):
+    if config.scheduler == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, config.epochs))
+    if config.scheduler == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, config.step_size, config.gamma)
+    return None
+
+
+def _score(metrics: GroupMetrics, rule: str) -> float:
+    return metrics.worst_group_accuracy if rule == "worst_group" else metrics.accuracy
+
+
+def fit(
+    model: nn.Module,
+    train_set: GroupDataset,
+    val_set: GroupDataset | None,
+    config: TrainConfig,
+    out_dir: str | Path,
+    *,
+    seed: int = 0,
+    objective: Objective | None = None,
+    sample_weights: torch.Tensor | np.ndarray | None = None,
+    parameters: Iterable[nn.Parameter] | None = None,
+    val_group_labels: bool = True,
+    train_group_counts: np.ndarray | None = None,
+    description: str = "train",
+) -> FitResult:
+    """Train ``model`` in place and leave the selected weights loaded in it.
+
+    ``sample_weights`` (one per training item) switches to sampling with replacement in
+    proportion to them; ``parameters`` restricts the update (last-layer retraining);
+    ``train_group_counts`` weights the validation "average accuracy".
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    objective = objective or Objective()
+    rule = resolve_selection(config.selection, val_group_labels, val_set is not None)
+    if train_group_counts is None:
+        train_group_counts = train_set.group_counts().numpy()
+    seed_everything(seed)
+
+    accelerator = make_accelerator(config)
+    optimizer = make_optimizer(parameters if parameters is not None else model.parameters(), config)
+    scheduler = make_scheduler(optimizer, config)
+
+    generator = torch.Generator()
+    if sample_weights is not None:
+        weights = torch.as_tensor(np.asarray(sample_weights), dtype=torch.double)
+        if len(weights) != len(train_set) or not torch.isfinite(weights).all() or weights.sum() <= 0:
+            raise UnspurError("sample_weights must be finite, non-negative, one per training item")
+        sampler = WeightedRandomSampler(weights, len(train_set), replacement=True, generator=generator)
+    else:
+        sampler = RandomSampler(train_set, generator=generator)
+    loader = DataLoader(
+        train_set,
+        batch_size=config.batch_size,
+        sampler=sampler,
+        num_workers=config.num_workers,
+        drop_last=False,
+    )
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+
+    state = _TrainerState(out_dir)
+    start_epoch, best_score, best_epoch, history = 0, -math.inf, -1, []
+    if state.exists():
+        resumed = state.load(accelerator.unwrap_model(model), optimizer, scheduler, objective)
+        start_epoch, best_score, best_epoch, history = resumed
+        accelerator.print(f"[{description}] resuming after epoch {start_epoch} from {state.path}")
+
+    if config.epochs == 0 and not (out_dir / "best" / "model.json").exists():
+        _save_best(accelerator, model, out_dir, {"epoch": 0})
+
+    for epoch in range(start_epoch, config.epochs):
+        started = time.perf_counter()
+        generator.manual_seed(epoch_seed(seed, epoch))
+        torch.manual_seed(epoch_seed(seed, epoch) + 1)
+        model.train()
+        total, count, correct = 0.0, 0, 0
+        progress = _progress(loader, f"[{description}] epoch {epoch + 1}/{config.epochs}", config)
+        for x, y, g, index in progress:
+            with accelerator.autocast():
+                logits = model(x)
+                loss = objective(logits, y, g, index)
+            if not torch.isfinite(loss):
+                raise UnspurError(
+                    f"[{description}] loss became {loss.item()} at epoch {epoch + 1}; "
+                    "lower train.lr or check the data"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            accelerator.backward(loss)
+            optimizer.step()
+            total += float(loss.detach()) * len(y)
+            count += len(y)
+            correct += int((logits.argmax(1) == y).sum())
+        if scheduler is not None:
+            scheduler.step()
+        objective.on_epoch_end(epoch)
+
+        record: dict[str, Any] = {
+            "epoch": epoch + 1,
+            "train_loss": total / max(count, 1),
+            "train_accuracy": correct / max(count, 1),
+            "lr": optimizer.param_groups[0]["lr"],
+        }
+        score = float(epoch)
+        if val_set is not None:
+            metrics, _ = evaluate_split(
+                accelerator.unwrap_model(model),
+                val_set,
+                train_group_counts,
+                config.eval_batch_size,
+                config.num_workers,
+            )
+            record["val"] = metrics.headline()
+            score = _score(metrics, rule) if rule != "last" else float(epoch)
+        record["seconds"] = time.perf_counter() - started
+        history.append(record)
+        if score > best_score:
+            best_score, best_epoch = score, epoch + 1
+            _save_best(accelerator, model, out_dir, {"epoch": epoch + 1, "selection": rule})
+        accelerator.print(_summary(description, record))
+        if (epoch + 1) % config.checkpoint_every == 0 or epoch + 1 == config.epochs:
+            state.save(
+                accelerator, model, optimizer, scheduler, objective, epoch + 1, best_score,
+                best_epoch, history,
+            )
+        atomic_write_json(out_dir / "history.json", history)
+
+    unwrapped = accelerator.unwrap_model(model)
+    load_weights(unwrapped, out_dir / "best")
+    best_val = next((h.get("val") for h in history if h["epoch"] == best_epoch), None)
+    return FitResult(best_epoch=max(best_epoch, 0), selection=rule, history=history, best_val=best_val)
+
+
+def _progress(loader: DataLoader, desc: str, config: TrainConfig):
+    if not config.progress:
+        return loader
+    from tqdm.auto import tqdm
+
+    return tqdm(loader, desc=desc, leave=False, disable=None)
+
+
+def _summary(description: str, record: dict[str, Any]) -> str:
+    text = (
+        f"[{description}] epoch {record['epoch']}: loss {record['train_loss']:.4f} "
+        f"train acc {100 * record['train_accuracy']:.1f}%"
+    )
+    if "val" in record:
+        val = record["val"]
+        text += (
+            f" | val worst-group {100 * val['worst_group_accuracy']:.1f}% "
+            f"acc {100 * val['accuracy']:.1f}%"
+        )
+    return text
+
+
+def _save_best(accelerator, model: nn.Module, out_dir: Path, extra: dict[str, Any]) -> None:
+    if accelerator.is_main_process:
+        save_checkpoint(accelerator.unwrap_model(model), out_dir / "best", extra=extra)
+    accelerator.wait_for_everyone()
+
+
+class _TrainerState:
+    """Model, optimizer, scheduler and objective state after an epoch, saved atomically."""
+
+    def __init__(self, out_dir: Path) -> None:
+        self.path = out_dir / "checkpoints" / "last"
+
+    def exists(self) -> bool:
+        recover_dir(self.path)
+        return (self.path / "trainer.pt").is_file()
+
+    def save(self, accelerator, model, optimizer, scheduler, objective, epoch, best_score,
+             best_epoch, history) -> None:
+        if accelerator.is_main_process:
+            with atomic_dir(self.path) as scratch:
+                save_checkpoint(accelerator.unwrap_model(model), scratch)
+                torch.save(
+                    {
+                        "epoch": epoch,
+                        "best_score": best_score,
+                        "best_epoch": best_epoch,
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                        "objective": objective.state_dict(),
+                        "history": json.dumps(history),
+                    },
+                    scratch / "trainer.pt",
+                )
+        accelerator.wait_for_everyone()
+
+    def load(self, model, optimizer, scheduler, objective):
+        try:
+            load_weights(model, self.path)
+            state = torch.load(self.path / "trainer.pt", map_location="cpu", weights_only=True)
+            optimizer.load_state_dict(state["optimizer"])
+            if scheduler is not None and state["scheduler"] is not None:
+                scheduler.load_state_dict(state["scheduler"])
+            objective.load_state_dict(state["objective"])
+        except (KeyError, ValueError, RuntimeError) as exc:
+            raise CheckpointError(
+                f"cannot resume from {self.path}: {exc}. It was written by a different "
+                "model or configuration; use a new --out directory or delete that folder"
+            ) from exc
+        return state["epoch"], state["best_score"], state["best_epoch"], json.loads(state["history"])
