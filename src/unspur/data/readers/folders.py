@@ -10,7 +10,7 @@ Layouts read here:
   ``<percent>/align/<label>/`` and ``<percent>/conflict/<label>/`` hold the training images
   and every file name ends in ``_<y>_<a>.<ext>``.
 
-file readers too, so each benchmark is only a mapping from its names to ``(y, a)``.
+Shared folder-walking and splitting helpers live in :mod:`unspur.data.layout`.
 """
 
 from __future__ import annotations
