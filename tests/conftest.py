@@ -7,6 +7,10 @@ from pathlib import Path
 
 import pytest
 
+# Set before anything imports huggingface_hub, which reads these once at import time.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("UNSPUR_SHARED_DATA", REPO.parent / "shared" / "data"))
 
