@@ -27,7 +27,7 @@ DEMO_SETTINGS = [
 
 
 def _print_results(results: dict) -> None:
-    from unspur.evaluate.metrics import format_metrics, GroupMetrics, GroupRow
+    from unspur.evaluate.metrics import GroupMetrics, GroupRow, format_metrics
 
     for split, values in results["metrics"].items():
         rows = [GroupRow(**r) for r in values["groups"]]
@@ -137,7 +137,9 @@ def cmd_demo(args: argparse.Namespace) -> None:
     gap = 100 * (test["average_accuracy"] - test["worst_group_accuracy"])
     print(
         f"ERM learned the shortcut: worst-group accuracy is {gap:.1f} points below average "
-        "accuracy." if gap > 10 else f"worst-group gap: {gap:.1f} points."
+        "accuracy."
+        if gap > 10
+        else f"worst-group gap: {gap:.1f} points."
     )
     print(f"results: {Path(args.out) / 'results.json'}")
 
@@ -157,20 +159,35 @@ def build_parser() -> argparse.ArgumentParser:
     inspect = data.add_parser("inspect", help="print the group counts of a dataset")
     inspect.add_argument("--dataset", required=True, help="reader name (see `unspur data list`)")
     inspect.add_argument("--root", default=None, help="dataset root directory")
-    inspect.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
-                         help="reader option, repeatable (e.g. --option target=Blond_Hair)")
+    inspect.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="reader option, repeatable (e.g. --option target=Blond_Hair)",
+    )
     inspect.add_argument("--on-bad-image", choices=["fail", "skip"], default="fail")
-    inspect.add_argument("--bias-ratio", type=float, default=None,
-                         help="resplit train so majority groups make this share of each class")
-    inspect.add_argument("--balance-eval", action="store_true",
-                         help="subsample val and test to equal group sizes")
+    inspect.add_argument(
+        "--bias-ratio",
+        type=float,
+        default=None,
+        help="resplit train so majority groups make this share of each class",
+    )
+    inspect.add_argument(
+        "--balance-eval", action="store_true", help="subsample val and test to equal group sizes"
+    )
     inspect.add_argument("--seed", type=int, default=0)
     inspect.set_defaults(func=cmd_data_inspect)
 
     train = commands.add_parser("train", help="train a method from a config")
     train.add_argument("--config", default=None, help="YAML config (defaults when omitted)")
-    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a config value, e.g. --set train.lr=0.001")
+    train.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set train.lr=0.001",
+    )
     train.add_argument("--out", required=True, help="run directory")
     train.set_defaults(func=cmd_train)
 

@@ -153,8 +153,10 @@ def _build(cls: type, values: Any, path: str) -> Any:
     for key, value in values.items():
         full = f"{path}.{key}" if path else str(key)
         if key not in names:
-            raise ConfigError(f"unknown config key {full!r}{_suggest(str(key), names)}; "
-                              f"valid keys here: {', '.join(names)}")
+            raise ConfigError(
+                f"unknown config key {full!r}{_suggest(str(key), names)}; "
+                f"valid keys here: {', '.join(names)}"
+            )
         kwargs[key] = _coerce(value, hints[key], full)
     return cls(**kwargs)
 

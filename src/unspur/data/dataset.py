@@ -24,8 +24,8 @@ class GroupDataset(Dataset):
         self.table = table
         self.transform = transform
         self.filenames = table.frame["filename"].tolist()
-        self.y = torch.as_tensor(table.frame["y"].to_numpy(), dtype=torch.long)
-        self.a = torch.as_tensor(table.frame["a"].to_numpy(), dtype=torch.long)
+        self.y = torch.tensor(table.frame["y"].to_numpy(), dtype=torch.long)
+        self.a = torch.tensor(table.frame["a"].to_numpy(), dtype=torch.long)
         self.g = torch.as_tensor(table.groups, dtype=torch.long)
 
     def __len__(self) -> int:

@@ -76,8 +76,10 @@ def group_metrics(
     hits = np.bincount(groups, weights=correct.astype(np.float64), minlength=n_groups)
     present = n > 0
     accuracy = np.divide(hits, n, out=np.zeros(n_groups), where=present)
-    weights = n.astype(np.float64) if train_group_counts is None else np.asarray(
-        train_group_counts, dtype=np.float64
+    weights = (
+        n.astype(np.float64)
+        if train_group_counts is None
+        else np.asarray(train_group_counts, dtype=np.float64)
     )
     weights = np.where(present, weights, 0.0)
     if weights.sum() <= 0:

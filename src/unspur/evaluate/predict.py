@@ -65,5 +65,7 @@ def evaluate_split(
     preds = predict(model, dataset, batch_size, num_workers, accelerator)
     table = dataset.table
     names = [table.group_name(g) for g in range(table.n_groups)]
-    metrics = group_metrics(preds.predicted, preds.y, preds.g, table.n_groups, train_group_counts, names)
+    metrics = group_metrics(
+        preds.predicted, preds.y, preds.g, table.n_groups, train_group_counts, names
+    )
     return metrics, preds

@@ -138,9 +138,15 @@ def fit(
     generator = torch.Generator()
     if sample_weights is not None:
         weights = torch.as_tensor(np.asarray(sample_weights), dtype=torch.double)
-        if len(weights) != len(train_set) or not torch.isfinite(weights).all() or weights.sum() <= 0:
+        if (
+            len(weights) != len(train_set)
+            or not torch.isfinite(weights).all()
+            or weights.sum() <= 0
+        ):
             raise UnspurError("sample_weights must be finite, non-negative, one per training item")
-        sampler = WeightedRandomSampler(weights, len(train_set), replacement=True, generator=generator)
+        sampler = WeightedRandomSampler(
+            weights, len(train_set), replacement=True, generator=generator
+        )
     else:
         sampler = RandomSampler(train_set, generator=generator)
     loader = DataLoader(
@@ -213,15 +219,24 @@ def fit(
         accelerator.print(_summary(description, record))
         if (epoch + 1) % config.checkpoint_every == 0 or epoch + 1 == config.epochs:
             state.save(
-                accelerator, model, optimizer, scheduler, objective, epoch + 1, best_score,
-                best_epoch, history,
+                accelerator,
+                model,
+                optimizer,
+                scheduler,
+                objective,
+                epoch + 1,
+                best_score,
+                best_epoch,
+                history,
             )
         atomic_write_json(out_dir / "history.json", history)
 
     unwrapped = accelerator.unwrap_model(model)
     load_weights(unwrapped, out_dir / "best")
     best_val = next((h.get("val") for h in history if h["epoch"] == best_epoch), None)
-    return FitResult(best_epoch=max(best_epoch, 0), selection=rule, history=history, best_val=best_val)
+    return FitResult(
+        best_epoch=max(best_epoch, 0), selection=rule, history=history, best_val=best_val
+    )
 
 
 def _progress(loader: DataLoader, desc: str, config: TrainConfig):
@@ -262,8 +277,18 @@ class _TrainerState:
         recover_dir(self.path)
         return (self.path / "trainer.pt").is_file()
 
-    def save(self, accelerator, model, optimizer, scheduler, objective, epoch, best_score,
-             best_epoch, history) -> None:
+    def save(
+        self,
+        accelerator,
+        model,
+        optimizer,
+        scheduler,
+        objective,
+        epoch,
+        best_score,
+        best_epoch,
+        history,
+    ) -> None:
         if accelerator.is_main_process:
             with atomic_dir(self.path) as scratch:
                 save_checkpoint(accelerator.unwrap_model(model), scratch)
@@ -294,4 +319,9 @@ class _TrainerState:
                 f"cannot resume from {self.path}: {exc}. It was written by a different "
                 "model or configuration; use a new --out directory or delete that folder"
             ) from exc
-        return state["epoch"], state["best_score"], state["best_epoch"], json.loads(state["history"])
+        return (
+            state["epoch"],
+            state["best_score"],
+            state["best_epoch"],
+            json.loads(state["history"]),
+        )

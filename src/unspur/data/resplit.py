@@ -1,0 +1,232 @@
+"""Bias-ratio resplitting and group balancing of a :class:`GroupTable`.
+
+:func:`resplit_bias` follows the FFR protocol for building 95 / 97 / 99 / 99.9 % biased
+versions of a benchmark: bias-conflicting training samples are *dropped* (never added,
+never duplicated) until the majority group of every class makes ``ratio`` of that class.
+:func:`balance_groups` subsamples one split to equal group sizes (a group-balanced
+validation or test set). :func:`lff_bias_attributes` assigns bias attributes the way
+LfF's ``make_attr_labels`` does for Colored MNIST and Corrupted CIFAR-10.
+
+All three are deterministic functions of their ``seed``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from unspur.data.table import GroupTable, require_nonempty_groups
+from unspur.errors import ConfigError, DataError
+
+
+def majority_attributes(
+    table: GroupTable, split: str = "train", majority: Sequence[int] | None = None
+) -> dict[int, int]:
+    """The bias-aligned attribute of each class.
+
+    In order: ``majority`` when given (one attribute id per class); the reader's own
+    declaration ``table.info["majority_attr"]`` (a list of ids); the most populous
+    attribute of each class of ``split`` when those differ between classes. When two
+    classes share their most populous attribute (UTKFace: adults dominate both genders)
+    there is no spurious correlation to amplify, so the diagonal ``a = y mod n_attrs``
+    is used; the choice is recorded in ``info`` by :func:`resplit_bias`.
+    """
+    declared = majority if majority is not None else table.info.get("majority_attr")
+    if isinstance(declared, list | tuple) and len(declared) == table.n_classes:
+        for label, attr in enumerate(declared):
+            if not 0 <= int(attr) < table.n_attrs:
+                raise ConfigError(
+                    f"majority attribute {attr} of class {table.class_names[label]!r} is "
+                    f"outside 0..{table.n_attrs - 1}"
+                )
+        return {label: int(attr) for label, attr in enumerate(declared)}
+    if majority is not None:
+        raise ConfigError(
+            f"majority needs one attribute id per class ({table.n_classes}), got {majority!r}"
+        )
+    part = table.frame[table.frame["split"] == split]
+    result = {}
+    for label in range(table.n_classes):
+        counts = np.bincount(part.loc[part["y"] == label, "a"], minlength=table.n_attrs)
+        if counts.sum() > 0:
+            result[label] = int(np.argmax(counts))
+    if len(set(result.values())) < len(result) and table.n_attrs >= table.n_classes:
+        return {label: label % table.n_attrs for label in result}
+    return result
+
+
+def _allocate(sizes: np.ndarray, total: int) -> np.ndarray:
+    """Split ``total`` kept samples over groups of ``sizes``: one per non-empty group
+    first (always, even beyond ``total``), the rest proportional to the remaining sizes
+    (largest remainder). Never exceeds a group's size."""
+    sizes = np.asarray(sizes, dtype=np.int64)
+    keep = (sizes > 0).astype(np.int64)
+    spare = sizes - keep
+    remaining = total - int(keep.sum())
+    if remaining <= 0 or spare.sum() == 0:
+        return keep
+    share = remaining * spare / spare.sum()
+    extra = np.floor(share).astype(np.int64)
+    leftover = remaining - int(extra.sum())
+    order = np.argsort(-(share - extra), kind="stable")
+    extra[order[:leftover]] += 1
+    return keep + np.minimum(extra, spare)
+
+
+def resplit_bias(
+    table: GroupTable,
+    ratio: float,
+    seed: int = 0,
+    split: str = "train",
+    majority: Sequence[int] | None = None,
+) -> GroupTable:
+    """Drop conflicting samples of ``split`` until each class's majority group makes
+    ``ratio`` of the class (FFR protocol: 0.95, 0.97, 0.99, 0.999).
+
+    The majority (bias-aligned) attribute of each class is chosen by
+    :func:`majority_attributes` (``majority`` overrides it). For
+    each class the number of conflicting samples kept is ``round(n_major * (1 - ratio) /
+    ratio)``, shared over the conflicting groups in proportion to their sizes. At least
+    one sample of every non-empty group is kept, so no group vanishes; when the ratio
+    allows fewer (tiny classes at 99.9%) the achieved ratio is lower than asked and
+    ``info["resplit_bias"]["notes"]`` says so. Which samples go is drawn by ``seed``. Other splits are untouched. Raises :class:`DataError` when a class is
+    already more biased than ``ratio`` (reaching it would need new conflicting samples).
+    """
+    if not 0.0 < ratio < 1.0:
+        raise ConfigError(
+            f"bias ratio {ratio} must lie strictly between 0 and 1 (e.g. 0.95 for 95%)"
+        )
+    frame = table.frame
+    in_split = (frame["split"] == split).to_numpy()
+    if not in_split.any():
+        raise DataError(f"{table.name}: split {split!r} is empty; cannot resplit its bias")
+    rng = np.random.default_rng(seed)
+    y = frame["y"].to_numpy()
+    a = frame["a"].to_numpy()
+    majority = majority_attributes(table, split, majority)
+    drop = np.zeros(len(frame), dtype=bool)
+    dropped: dict[str, int] = {}
+    achieved: dict[str, float] = {}
+    notes: list[str] = []
+    for label, major in majority.items():
+        class_name = table.class_names[label]
+        rows = in_split & (y == label)
+        n_major = int((rows & (a == major)).sum())
+        conflict_attrs = [k for k in range(table.n_attrs) if k != major]
+        sizes = np.array([int((rows & (a == k)).sum()) for k in conflict_attrs])
+        exact = n_major * (1.0 - ratio) / ratio
+        if sizes.sum() < np.floor(exact + 1e-9):
+            current = n_major / max(1, n_major + int(sizes.sum()))
+            raise DataError(
+                f"{table.name}: class {class_name!r} in split {split!r} is already "
+                f"{current:.4f} majority ({n_major} of {n_major + int(sizes.sum())}); "
+                f"ratio {ratio} would need {exact:.1f} conflicting samples but only "
+                f"{int(sizes.sum())} exist. Samples are only ever dropped: choose a ratio "
+                f"of at least {current:.4f}"
+            )
+        target = min(int(round(exact)), int(sizes.sum()))
+        keep = _allocate(sizes, target)
+        if int(keep.sum()) > target:
+            notes.append(
+                f"{class_name}: kept one sample in each of {int((sizes > 0).sum())} "
+                f"conflicting groups although ratio {ratio} allows {target}"
+            )
+        for attr, size, n_keep in zip(conflict_attrs, sizes, keep):
+            if n_keep >= size:
+                continue
+            members = np.flatnonzero(rows & (a == attr))
+            chosen = rng.permutation(members)[: size - n_keep]
+            drop[chosen] = True
+            group = label * table.n_attrs + attr
+            dropped[table.group_name(group)] = int(size - n_keep)
+        kept_conflict = int(keep.sum())
+        achieved[class_name] = n_major / (n_major + kept_conflict) if n_major else 0.0
+
+    result = table.subset(~drop)
+    result.info["resplit_bias"] = {
+        "ratio": ratio,
+        "split": split,
+        "seed": seed,
+        "majority_attr": {table.class_names[c]: table.attr_names[m] for c, m in majority.items()},
+        "dropped": dropped,
+        "n_dropped": int(drop.sum()),
+        "achieved_ratio": achieved,
+        "notes": notes,
+    }
+    return result
+
+
+def balance_groups(table: GroupTable, split: str, seed: int = 0) -> GroupTable:
+    """Subsample ``split`` so every group ``(y, a)`` has the size of its smallest group.
+
+    Every group must be present in the split (a group-balanced set of an absent group is
+    empty). Other splits are untouched; which samples are kept is drawn by ``seed``.
+    """
+    frame = table.frame
+    in_split = (frame["split"] == split).to_numpy()
+    if not in_split.any():
+        raise DataError(
+            f"{table.name}: split {split!r} is empty (splits present: "
+            f"{sorted(set(frame['split']))}); cannot balance its groups"
+        )
+    require_nonempty_groups(table, split)
+    groups = table.groups
+    sizes = np.bincount(groups[in_split], minlength=table.n_groups)
+    n_keep = int(sizes.min())
+    rng = np.random.default_rng(seed)
+    drop = np.zeros(len(frame), dtype=bool)
+    for g in range(table.n_groups):
+        members = np.flatnonzero(in_split & (groups == g))
+        drop[rng.permutation(members)[n_keep:]] = True
+    result = table.subset(~drop)
+    result.info["balance_groups"] = {
+        **table.info.get("balance_groups", {}),
+        split: {"per_group": n_keep, "n_dropped": int(drop.sum()), "seed": seed},
+    }
+    return result
+
+
+def lff_bias_attributes(
+    y: np.ndarray, n_attrs: int, aligned_ratio: float, rng: np.random.Generator
+) -> np.ndarray:
+    """Attribute labels as LfF's ``make_attr_labels``: in class ``c`` a fraction
+    ``aligned_ratio`` gets attribute ``c`` and the rest is shared *equally* (rounded
+    cumulative milestones, so exact counts) among the other attributes.
+
+    ``aligned_ratio = 1 / n_attrs`` gives the unbiased (uniform) test protocol. LfF
+    assigns the attributes in dataset order; here they go to a ``rng`` permutation of
+    the class's samples, which is the same in distribution and independent of file order.
+    """
+    y = np.asarray(y, dtype=np.int64)
+    if not 0.0 <= aligned_ratio <= 1.0:
+        raise ConfigError(f"aligned ratio {aligned_ratio} must lie in [0, 1]")
+    attrs = np.empty(len(y), dtype=np.int64)
+    eye = np.eye(n_attrs)
+    for label in range(int(y.max()) + 1 if len(y) else 0):
+        members = np.flatnonzero(y == label)
+        if len(members) == 0:
+            continue
+        ratios = aligned_ratio * eye[label % n_attrs] + (1 - aligned_ratio) / (n_attrs - 1) * (
+            1 - eye[label % n_attrs]
+        )
+        milestones = np.round(len(members) * np.cumsum(ratios)).astype(np.int64)
+        milestones[-1] = len(members)
+        counts = np.diff(np.concatenate([[0], milestones]))
+        order = rng.permutation(members)
+        attrs[order] = np.repeat(np.arange(n_attrs), counts)
+    return attrs
+
+
+def stratified_holdout(labels: np.ndarray, fraction: float, rng: np.random.Generator) -> np.ndarray:
+    """Boolean mask choosing ``round(fraction * n_c)`` samples of every class ``c``: a
+    held-out slice with the same class proportions as the whole."""
+    if not 0.0 <= fraction < 1.0:
+        raise ConfigError(f"held-out fraction {fraction} must lie in [0, 1)")
+    labels = np.asarray(labels)
+    chosen = np.zeros(len(labels), dtype=bool)
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        n = int(round(fraction * len(members)))
+        chosen[rng.permutation(members)[:n]] = True
+    return chosen
