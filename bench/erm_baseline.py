@@ -26,32 +26,75 @@ from unspur.pipeline import run
 # name -> (config overrides, needs data_dir subfolder)
 SETTINGS: dict[str, tuple[list[str], str | None]] = {
     "synthetic-95": (
-        ["data.name=synthetic", "data.options.bias=0.95", "data.options.n_train=2000",
-         "model.arch=small_cnn", "train.epochs=8", "train.lr=0.05", "train.augment=false"],
+        [
+            "data.name=synthetic",
+            "data.options.bias=0.95",
+            "data.options.n_train=2000",
+            "model.arch=small_cnn",
+            "train.epochs=8",
+            "train.lr=0.05",
+            "train.augment=false",
+        ],
         None,
     ),
     "synthetic-99": (
-        ["data.name=synthetic", "data.options.bias=0.99", "data.options.n_train=2000",
-         "model.arch=small_cnn", "train.epochs=8", "train.lr=0.05", "train.augment=false"],
+        [
+            "data.name=synthetic",
+            "data.options.bias=0.99",
+            "data.options.n_train=2000",
+            "model.arch=small_cnn",
+            "train.epochs=8",
+            "train.lr=0.05",
+            "train.augment=false",
+        ],
         None,
     ),
     "colored_mnist-1%": (
-        ["data.name=colored_mnist", "data.options.conflict_ratio=0.01", "data.image_size=28",
-         "data.normalize=false", "model.arch=mlp", "train.epochs=20", "train.optimizer=adam",
-         "train.lr=0.001", "train.weight_decay=0", "train.augment=false", "train.selection=last"],
+        [
+            "data.name=colored_mnist",
+            "data.options.conflict_ratio=0.01",
+            "data.image_size=28",
+            "data.normalize=false",
+            "model.arch=mlp",
+            "train.epochs=20",
+            "train.optimizer=adam",
+            "train.lr=0.001",
+            "train.weight_decay=0",
+            "train.augment=false",
+            "train.selection=last",
+        ],
         "mnist",
     ),
     "colored_mnist-5%": (
-        ["data.name=colored_mnist", "data.options.conflict_ratio=0.05", "data.image_size=28",
-         "data.normalize=false", "model.arch=mlp", "train.epochs=20", "train.optimizer=adam",
-         "train.lr=0.001", "train.weight_decay=0", "train.augment=false", "train.selection=last"],
+        [
+            "data.name=colored_mnist",
+            "data.options.conflict_ratio=0.05",
+            "data.image_size=28",
+            "data.normalize=false",
+            "model.arch=mlp",
+            "train.epochs=20",
+            "train.optimizer=adam",
+            "train.lr=0.001",
+            "train.weight_decay=0",
+            "train.augment=false",
+            "train.selection=last",
+        ],
         "mnist",
     ),
     "utkface-gender-age": (
-        ["data.name=utkface", "data.options.target=gender", "data.options.bias=age",
-         "data.image_size=64", "data.balance_eval=true", "model.arch=resnet18",
-         "train.epochs=5", "train.optimizer=adam", "train.lr=0.001", "train.batch_size=64",
-         "train.weight_decay=0"],
+        [
+            "data.name=utkface",
+            "data.options.target=gender",
+            "data.options.bias=age",
+            "data.image_size=64",
+            "data.balance_eval=true",
+            "model.arch=resnet18",
+            "train.epochs=5",
+            "train.optimizer=adam",
+            "train.lr=0.001",
+            "train.batch_size=64",
+            "train.weight_decay=0",
+        ],
         "utkface/UTKFace.tar.gz",
     ),
 }
@@ -83,15 +126,18 @@ def main(argv: list[str] | None = None) -> int:
                 results = run(config, tmp)
                 seconds = time.perf_counter() - started
             test = results["metrics"]["test"]
-            rows.append({
-                "setting": name, "seed": seed,
-                "worst_group_accuracy": round(100 * test["worst_group_accuracy"], 2),
-                "average_accuracy": round(100 * test["average_accuracy"], 2),
-                "balanced_accuracy": round(100 * test["balanced_accuracy"], 2),
-                "accuracy": round(100 * test["accuracy"], 2),
-                "selection": results["selection"]["rule"],
-                "wall_seconds": round(seconds, 1),
-            })
+            rows.append(
+                {
+                    "setting": name,
+                    "seed": seed,
+                    "worst_group_accuracy": round(100 * test["worst_group_accuracy"], 2),
+                    "average_accuracy": round(100 * test["average_accuracy"], 2),
+                    "balanced_accuracy": round(100 * test["balanced_accuracy"], 2),
+                    "accuracy": round(100 * test["accuracy"], 2),
+                    "selection": results["selection"]["rule"],
+                    "wall_seconds": round(seconds, 1),
+                }
+            )
             print(rows[-1], flush=True)
     write(rows, args.out, "erm_baseline", " ".join(shlex.quote(a) for a in sys.argv))
     return 0
@@ -107,10 +153,15 @@ def write(rows: list[dict], out: Path, stem: str, command: str) -> None:
         writer.writerows(rows)
     header = "| " + " | ".join(rows[0]) + " |"
     lines = [
-        f"# {stem}", "", f"Command: `python {command}`", "",
+        f"# {stem}",
+        "",
+        f"Command: `python {command}`",
+        "",
         f"Machine: {torch.get_num_threads()} CPU threads, torch {torch.__version__}; "
-        "test split, percentages.", "",
-        header, "|" + "---|" * len(rows[0]),
+        "test split, percentages.",
+        "",
+        header,
+        "|" + "---|" * len(rows[0]),
     ]
     lines += ["| " + " | ".join(str(v) for v in row.values()) + " |" for row in rows]
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")

@@ -44,7 +44,7 @@ def test_synthetic_is_deterministic_by_seed() -> None:
 def test_synthetic_group_counts_match_bias() -> None:
     table = load_dataset("synthetic", bias=0.9, n_train=1000, n_val=200, n_test=400)
     counts = table.counts()
-    assert table.class_names == ["circle", "square"]
+    assert table.class_names == ["circle", "cross"]
     assert table.attr_names == ["land", "water"]
     # Each class has 500 training images, exactly 450 on its majority background.
     assert counts.loc[0, "train"] == 450 and counts.loc[1, "train"] == 50

@@ -20,7 +20,9 @@ def test_overrides_apply_and_round_trip(tmp_path):
 def test_unknown_key_names_the_key_and_suggests(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("train:\n  epochz: 3\n")
-    with pytest.raises(ConfigError, match=r"unknown config key 'train.epochz'.*did you mean 'epochs'"):
+    with pytest.raises(
+        ConfigError, match=r"unknown config key 'train.epochz'.*did you mean 'epochs'"
+    ):
         load_config(path)
     with pytest.raises(ConfigError, match=str(path)):
         load_config(path)

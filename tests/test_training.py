@@ -40,7 +40,9 @@ def tiny_table(n: int = 64, seed: int = 0) -> GroupTable:
 def datasets():
     table = tiny_table()
     transform = Compose([], mean=None, std=None)
-    return GroupDataset(table.split("train"), transform), GroupDataset(table.split("val"), transform)
+    return GroupDataset(table.split("train"), transform), GroupDataset(
+        table.split("val"), transform
+    )
 
 
 def config(**overrides) -> TrainConfig:

@@ -80,6 +80,11 @@ def cmd_data_inspect(args: argparse.Namespace) -> None:
     print(counts.to_string())
     totals = counts.drop(columns=["y", "a"]).sum()
     print("total   " + "  ".join(f"{split}={int(n)}" for split, n in totals.items()))
+    per_class = table.frame["y"].value_counts().reindex(range(table.n_classes), fill_value=0)
+    print(
+        "per class (all splits): "
+        + ", ".join(f"{table.class_names[c]}={int(n)}" for c, n in per_class.items())
+    )
     for key, value in table.info.items():
         print(f"{key}: {value}")
 
