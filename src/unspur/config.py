@@ -70,6 +70,7 @@ class TrainConfig:
 class MethodConfig:
     name: str = "erm"
     options: dict[str, Any] = field(default_factory=dict)
+    reference: str | None = None  # a saved ERM model directory to reuse (DFR, JTT, ...)
 
 
 @dataclass

@@ -7,18 +7,21 @@ training loop. The supervision is recorded with every result (the papers' x / âœ
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
+import torch
 from torch import nn
+from torch.utils.data import Dataset
 
-from unspur.config import RunConfig
+from unspur.config import RunConfig, TrainConfig
 from unspur.data.dataset import GroupDataset
 from unspur.errors import ConfigError
-from unspur.train.loop import FitResult
+from unspur.train.loop import FitResult, fit
+from unspur.train.objectives import Objective
 
 
 @dataclass(frozen=True)
@@ -56,6 +59,55 @@ class RunContext:
     build_model: Callable[[], nn.Module]
     train_group_counts: np.ndarray
     options: dict[str, Any] = field(default_factory=dict)
+
+    def fit(
+        self,
+        model: nn.Module,
+        stage: str,
+        *,
+        train: Dataset | None = None,
+        train_config: TrainConfig | None = None,
+        objective: Objective | None = None,
+        sample_weights: np.ndarray | torch.Tensor | None = None,
+        parameters: Iterable[nn.Parameter] | None = None,
+        val_group_labels: bool = True,
+        val: Dataset | None | str = "default",
+    ) -> FitResult:
+        """Run the one training loop for a stage of a method, in ``out_dir/stage``.
+
+        Defaults: the run's training set, validation set, train config and seed. A
+        finished stage is not retrained: the loop resumes after its last epoch and
+        reloads the selected weights.
+        """
+        return fit(
+            model,
+            train if train is not None else self.train,
+            self.val if isinstance(val, str) else val,
+            train_config or self.config.train,
+            self.out_dir / stage,
+            seed=self.config.seed,
+            objective=objective,
+            sample_weights=sample_weights,
+            parameters=parameters,
+            val_group_labels=val_group_labels,
+            train_group_counts=self.train_group_counts,
+            description=stage,
+        )
+
+    def reference_model(self) -> nn.Module:
+        """The ERM model that group inference, DFR and last-layer retraining start from.
+
+        ``method.reference`` names a saved model directory to reuse; otherwise ERM is
+        trained once in ``out_dir/erm`` with the run's train config (and reused by every
+        later stage or rerun).
+        """
+        if self.config.method.reference:
+            from unspur.models.checkpoint import load_checkpoint
+
+            return load_checkpoint(self.config.method.reference)
+        model = self.build_model()
+        self.fit(model, "erm")
+        return model
 
 
 class Method:

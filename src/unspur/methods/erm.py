@@ -5,8 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from unspur.methods.base import Method, RunContext, Supervision, register_method
-from unspur.train.loop import FitResult, fit
-from unspur.train.objectives import Objective
+from unspur.train.loop import FitResult
 
 
 @register_method
@@ -24,16 +23,4 @@ class ERM(Method):
 
     def run(self, context: RunContext) -> tuple[nn.Module, FitResult]:
         model = context.build_model()
-        result = fit(
-            model,
-            context.train,
-            context.val,
-            context.config.train,
-            context.out_dir / "erm",
-            seed=context.config.seed,
-            objective=Objective(),
-            val_group_labels=self.supervision.val_group_labels,
-            train_group_counts=context.train_group_counts,
-            description="erm",
-        )
-        return model, result
+        return model, context.fit(model, "erm")

@@ -50,9 +50,18 @@ class Classifier(nn.Module):
         """Return the penultimate representation, shape ``(B, feature_dim)``."""
         raise NotImplementedError
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Return logits ``head(features(x))``, shape ``(B, n_classes)``."""
-        return self.head(self.features(x))
+    def forward(
+        self, x: torch.Tensor, return_features: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Return logits ``head(features(x))``, shape ``(B, n_classes)``.
+
+        With ``return_features`` also the features, as ``(logits, features)``: losses on
+        the representation (SupCon) go through ``forward`` so that distributed wrappers
+        (DDP) see the call.
+        """
+        features = self.features(x)
+        logits = self.head(features)
+        return (logits, features) if return_features else logits
 
     # --------------------------------------------------------------------- head
     # ``head`` is an alias of the module registered under ``head_name``. nn.Module

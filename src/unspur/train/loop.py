@@ -177,8 +177,7 @@ def fit(
         progress = _progress(loader, f"[{description}] epoch {epoch + 1}/{config.epochs}", config)
         for x, y, g, index in progress:
             with accelerator.autocast():
-                logits = model(x)
-                loss = objective(logits, y, g, index)
+                loss, logits = objective.step(model, x, y, g, index)
             if not torch.isfinite(loss):
                 raise UnspurError(
                     f"[{description}] loss became {loss.item()} at epoch {epoch + 1}; "
