@@ -81,7 +81,7 @@ SETTINGS: dict[str, tuple[list[str], str | None]] = {
         ],
         "mnist",
     ),
-    "utkface-gender-age": (
+    "utkface-gender-age-99": (
         [
             "data.name=utkface",
             "data.options.target=gender",
