@@ -23,64 +23,33 @@ import torch
 from unspur.config import load_config
 from unspur.pipeline import run
 
-# name -> (config overrides, needs data_dir subfolder)
+SYNTHETIC = [
+    "data.name=synthetic",
+    "data.options.n_train=2000",
+    "model.arch=small_cnn",
+    "train.epochs=8",
+    "train.lr=0.05",
+    "train.augment=false",
+]
+COLORED_MNIST = [
+    "data.name=colored_mnist",
+    "data.image_size=28",
+    "data.normalize=false",
+    "model.arch=mlp",
+    "train.epochs=20",
+    "train.optimizer=adam",
+    "train.lr=0.001",
+    "train.weight_decay=0",
+    "train.augment=false",
+    "train.selection=last",
+]
+
+# name -> (config overrides, the path it needs under --data-dir)
 SETTINGS: dict[str, tuple[list[str], str | None]] = {
-    "synthetic-95": (
-        [
-            "data.name=synthetic",
-            "data.options.bias=0.95",
-            "data.options.n_train=2000",
-            "model.arch=small_cnn",
-            "train.epochs=8",
-            "train.lr=0.05",
-            "train.augment=false",
-        ],
-        None,
-    ),
-    "synthetic-99": (
-        [
-            "data.name=synthetic",
-            "data.options.bias=0.99",
-            "data.options.n_train=2000",
-            "model.arch=small_cnn",
-            "train.epochs=8",
-            "train.lr=0.05",
-            "train.augment=false",
-        ],
-        None,
-    ),
-    "colored_mnist-1%": (
-        [
-            "data.name=colored_mnist",
-            "data.options.conflict_ratio=0.01",
-            "data.image_size=28",
-            "data.normalize=false",
-            "model.arch=mlp",
-            "train.epochs=20",
-            "train.optimizer=adam",
-            "train.lr=0.001",
-            "train.weight_decay=0",
-            "train.augment=false",
-            "train.selection=last",
-        ],
-        "mnist",
-    ),
-    "colored_mnist-5%": (
-        [
-            "data.name=colored_mnist",
-            "data.options.conflict_ratio=0.05",
-            "data.image_size=28",
-            "data.normalize=false",
-            "model.arch=mlp",
-            "train.epochs=20",
-            "train.optimizer=adam",
-            "train.lr=0.001",
-            "train.weight_decay=0",
-            "train.augment=false",
-            "train.selection=last",
-        ],
-        "mnist",
-    ),
+    "synthetic-95": (SYNTHETIC + ["data.options.bias=0.95"], None),
+    "synthetic-99": (SYNTHETIC + ["data.options.bias=0.99"], None),
+    "colored_mnist-1%": (COLORED_MNIST + ["data.options.conflict_ratio=0.01"], "mnist"),
+    "colored_mnist-5%": (COLORED_MNIST + ["data.options.conflict_ratio=0.05"], "mnist"),
     "utkface-gender-age-99": (
         [
             "data.name=utkface",

@@ -12,9 +12,10 @@ All three are deterministic functions of their ``seed``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
+import pandas as pd
 
 from unspur.data.table import GroupTable, require_nonempty_groups
 from unspur.errors import ConfigError, DataError
@@ -185,6 +186,47 @@ def balance_groups(table: GroupTable, split: str, seed: int = 0) -> GroupTable:
         split: {"per_group": n_keep, "n_dropped": int(drop.sum()), "seed": seed},
     }
     return result
+
+
+def lff_split_frames(
+    parts: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]],
+    render: Callable[[np.ndarray, np.ndarray, np.random.Generator], np.ndarray],
+    n_attrs: int,
+    conflict_ratio: float,
+    seed: int,
+    prefix: str,
+) -> tuple[np.ndarray, pd.DataFrame]:
+    """Bias every split the LfF way and render it: the shared body of the built readers.
+
+    ``parts`` maps a split to ``(pixels, labels, origin)``; train gets
+    ``1 - conflict_ratio`` aligned samples, val and test are unbiased (every attribute
+    equally often per class). ``render(pixels, attrs, rng)`` draws the attribute onto
+    the images (a colour, a corruption). Returns the images and their canonical rows,
+    named ``prefix + index`` for an :class:`ArrayStore`.
+    """
+    images, frames, offset = [], [], 0
+    for index, (split, (pixels, labels, origin)) in enumerate(parts.items()):
+        if len(labels) == 0:
+            continue
+        rng = np.random.default_rng([seed, index])
+        aligned_ratio = 1.0 - conflict_ratio if split == "train" else 1.0 / n_attrs
+        attrs = lff_bias_attributes(labels, n_attrs, aligned_ratio, rng)
+        images.append(render(pixels, attrs, rng))
+        frames.append(
+            pd.DataFrame(
+                {
+                    "filename": [f"{prefix}{i}" for i in range(offset, offset + len(labels))],
+                    "y": labels,
+                    "a": attrs,
+                    "split": split,
+                    "source": "real",
+                    "aligned": attrs == labels,
+                    "origin": origin,
+                }
+            )
+        )
+        offset += len(labels)
+    return np.concatenate(images), pd.concat(frames, ignore_index=True)
 
 
 def lff_bias_attributes(

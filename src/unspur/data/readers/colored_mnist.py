@@ -32,10 +32,9 @@ import zlib
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 from unspur.data.registry import reader
-from unspur.data.resplit import lff_bias_attributes, stratified_holdout
+from unspur.data.resplit import lff_split_frames, stratified_holdout
 from unspur.data.store import ArrayStore
 from unspur.data.table import GroupTable
 from unspur.errors import ConfigError, DataError
@@ -249,34 +248,17 @@ def read_colored_mnist(
         "test": (test_images, test_labels, test_origin),
     }
     std = COLOUR_STD[severity - 1]
-    images, frames, offset = [], [], 0
-    for index, (split, (digits, labels, origin)) in enumerate(parts.items()):
-        if len(labels) == 0:
-            continue
-        rng = np.random.default_rng([seed, index])
-        aligned_ratio = 1.0 - conflict_ratio if split == "train" else 0.1
-        attrs = lff_bias_attributes(labels, 10, aligned_ratio, rng)
-        images.append(colorize(resize_stack(digits, size), attrs, std, rng))
-        names = [f"colored_mnist/{i}" for i in range(offset, offset + len(labels))]
-        frames.append(
-            pd.DataFrame(
-                {
-                    "filename": names,
-                    "y": labels,
-                    "a": attrs,
-                    "split": split,
-                    "source": "real",
-                    "aligned": attrs == labels,
-                    "origin": origin,
-                }
-            )
-        )
-        offset += len(labels)
-
-    frame = pd.concat(frames, ignore_index=True)
+    images, frame = lff_split_frames(
+        parts,
+        lambda digits, attrs, rng: colorize(resize_stack(digits, size), attrs, std, rng),
+        10,
+        conflict_ratio,
+        seed,
+        "colored_mnist/",
+    )
     return GroupTable(
         frame=frame,
-        store=ArrayStore(np.concatenate(images), prefix="colored_mnist/"),
+        store=ArrayStore(images, prefix="colored_mnist/"),
         class_names=list(DIGIT_NAMES),
         attr_names=list(COLOUR_NAMES),
         name="colored_mnist",

@@ -47,11 +47,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
 from unspur.data.registry import reader
-from unspur.data.resplit import lff_bias_attributes, stratified_holdout
+from unspur.data.resplit import lff_split_frames, stratified_holdout
 from unspur.data.store import ArrayStore
 from unspur.data.table import GroupTable
 from unspur.errors import ConfigError, DataError
@@ -629,35 +628,17 @@ def read_corrupted_cifar10(
         "val": (pool_images[is_val], pool_labels[is_val], np.asarray(pool_origin)[is_val]),
         "test": (source["test"][0], source["test"][1], np.asarray(source["test"][2])),
     }
-    images, frames, offset = [], [], 0
-    for index, (split, (pixels, labels, origin)) in enumerate(parts.items()):
-        if len(labels) == 0:
-            continue
-        rng = np.random.default_rng([seed, index])
-        aligned_ratio = 1.0 - conflict_ratio if split == "train" else 0.1
-        attrs = lff_bias_attributes(labels, 10, aligned_ratio, rng)
-        images.append(corrupt(pixels, attrs, names, level, rng))
-        frames.append(
-            pd.DataFrame(
-                {
-                    "filename": [
-                        f"corrupted_cifar10/{i}" for i in range(offset, offset + len(labels))
-                    ],
-                    "y": labels,
-                    "a": attrs,
-                    "split": split,
-                    "source": "real",
-                    "aligned": attrs == labels,
-                    "origin": origin,
-                }
-            )
-        )
-        offset += len(labels)
-
-    frame = pd.concat(frames, ignore_index=True)
+    images, frame = lff_split_frames(
+        parts,
+        lambda pixels, attrs, rng: corrupt(pixels, attrs, names, level, rng),
+        10,
+        conflict_ratio,
+        seed,
+        "corrupted_cifar10/",
+    )
     return GroupTable(
         frame=frame,
-        store=ArrayStore(np.concatenate(images), prefix="corrupted_cifar10/"),
+        store=ArrayStore(images, prefix="corrupted_cifar10/"),
         class_names=class_names,
         attr_names=names,
         name="corrupted_cifar10",
