@@ -11,17 +11,13 @@ Speed is measured here, never asserted in tests.
 from __future__ import annotations
 
 import argparse
-import csv
-import shlex
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 import torch
 
-from unspur.config import load_config
-from unspur.pipeline import run
+sys.path.insert(0, str(Path(__file__).parent))
+from common import data_overrides, row, run_setting, write_results  # noqa: E402
 
 SYNTHETIC = [
     "data.name=synthetic",
@@ -78,62 +74,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    names = args.only.split(",") if args.only else list(SETTINGS)
-    seeds = [int(s) for s in args.seeds.split(",")]
     rows = []
-    for name in names:
+    for name in args.only.split(",") if args.only else list(SETTINGS):
         overrides, needs = SETTINGS[name]
-        if needs is not None:
-            if args.data_dir is None or not (args.data_dir / needs).exists():
-                print(f"skip {name}: needs {needs} under --data-dir", file=sys.stderr)
-                continue
-            overrides = overrides + [f"data.root={args.data_dir / needs}"]
-        for seed in seeds:
-            config = load_config(None, overrides + [f"seed={seed}", "train.progress=false"])
-            with tempfile.TemporaryDirectory() as tmp:
-                started = time.perf_counter()
-                results = run(config, tmp)
-                seconds = time.perf_counter() - started
-            test = results["metrics"]["test"]
-            rows.append(
-                {
-                    "setting": name,
-                    "seed": seed,
-                    "worst_group_accuracy": round(100 * test["worst_group_accuracy"], 2),
-                    "average_accuracy": round(100 * test["average_accuracy"], 2),
-                    "balanced_accuracy": round(100 * test["balanced_accuracy"], 2),
-                    "accuracy": round(100 * test["accuracy"], 2),
-                    "selection": results["selection"]["rule"],
-                    "wall_seconds": round(seconds, 1),
-                }
-            )
+        extra = data_overrides(needs, args.data_dir, name)
+        if extra is None:
+            continue
+        for seed in [int(s) for s in args.seeds.split(",")]:
+            rows.append(row(name, seed, run_setting(overrides + extra, seed)))
             print(rows[-1], flush=True)
-    write(rows, args.out, "erm_baseline", " ".join(shlex.quote(a) for a in sys.argv))
+    write_results(rows, args.out, "erm_baseline")
     return 0
-
-
-def write(rows: list[dict], out: Path, stem: str, command: str) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    if not rows:
-        return
-    with open(out / f"{stem}.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    header = "| " + " | ".join(rows[0]) + " |"
-    lines = [
-        f"# {stem}",
-        "",
-        f"Command: `python {command}`",
-        "",
-        f"Machine: {torch.get_num_threads()} CPU threads, torch {torch.__version__}; "
-        "test split, percentages.",
-        "",
-        header,
-        "|" + "---|" * len(rows[0]),
-    ]
-    lines += ["| " + " | ".join(str(v) for v in row.values()) + " |" for row in rows]
-    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,129 @@
+"""Shared pieces of the benchmark scripts: run one setting, aggregate seeds, write tables.
+
+Benchmarks measure; tests never assert timings. Every table is written with the command
+that produced it and the machine it ran on.
+"""
+
+from __future__ import annotations
+
+import csv
+import platform
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from unspur.config import load_config
+from unspur.pipeline import run
+
+HEADLINE = ("worst_group_accuracy", "average_accuracy", "balanced_accuracy", "accuracy")
+
+
+def data_overrides(needs: str | None, data_dir: Path | None, name: str) -> list[str] | None:
+    """``data.root`` for a setting that needs real data, or None (with a note) to skip it."""
+    if needs is None:
+        return []
+    if data_dir is None or not (data_dir / needs).exists():
+        print(f"skip {name}: needs {needs} under --data-dir", file=sys.stderr)
+        return None
+    return [f"data.root={data_dir / needs}"]
+
+
+def run_setting(overrides: list[str], seed: int, keep: Path | None = None) -> dict[str, Any]:
+    """Train and evaluate one config; returns results.json plus wall seconds."""
+    config = load_config(None, overrides + [f"seed={seed}", "train.progress=false"])
+    with tempfile.TemporaryDirectory() as tmp:
+        out = keep if keep is not None else Path(tmp)
+        started = time.perf_counter()
+        results = run(config, out)
+        results["bench_wall_seconds"] = time.perf_counter() - started
+        results["stage_seconds"] = stage_epoch_seconds(out)
+    return results
+
+
+def stage_epoch_seconds(run_dir: Path) -> dict[str, float]:
+    """Mean seconds per training epoch of every stage in a run directory."""
+    import json
+
+    seconds = {}
+    for history in sorted(run_dir.glob("*/history.json")):
+        epochs = json.loads(history.read_text())
+        if epochs:
+            seconds[history.parent.name] = float(np.mean([e["seconds"] for e in epochs]))
+    return seconds
+
+
+def row(setting: str, seed: int, results: dict[str, Any]) -> dict[str, Any]:
+    test = results["metrics"]["test"]
+    return {
+        "setting": setting,
+        "method": results["method"],
+        "supervision": results["supervision"]["symbol"],
+        "seed": seed,
+        **{key: round(100 * test[key], 2) for key in HEADLINE},
+        "selection": results["selection"]["rule"],
+        "wall_seconds": round(results["bench_wall_seconds"], 1),
+    }
+
+
+def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mean +- std over seeds for every (setting, method)."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((r["setting"], r["method"]), []).append(r)
+    table = []
+    for (setting, method), members in groups.items():
+        entry = {"setting": setting, "method": method, "supervision": members[0]["supervision"]}
+        for key in ("worst_group_accuracy", "average_accuracy", "balanced_accuracy"):
+            values = np.array([m[key] for m in members])
+            entry[key] = f"{values.mean():.1f} ± {values.std():.1f}"
+        entry["seeds"] = len(members)
+        entry["wall_seconds"] = round(float(np.mean([m["wall_seconds"] for m in members])), 1)
+        table.append(entry)
+    return table
+
+
+def markdown(rows: list[dict[str, Any]]) -> list[str]:
+    if not rows:
+        return ["(no rows)"]
+    lines = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
+    lines += ["| " + " | ".join(str(v) for v in r.values()) + " |" for r in rows]
+    return lines
+
+
+def write_results(
+    rows: list[dict[str, Any]], out: Path, stem: str, notes: list[str] | None = None
+) -> None:
+    """``stem.csv`` (one row per run) and ``stem.md`` (seeds aggregated + all runs)."""
+    out.mkdir(parents=True, exist_ok=True)
+    if not rows:
+        return
+    with open(out / f"{stem}.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    command = " ".join(shlex.quote(a) for a in sys.argv)
+    lines = [
+        f"# {stem}",
+        "",
+        f"Command: `python {command}`",
+        "",
+        f"Machine: {platform.machine()}, {torch.get_num_threads()} CPU threads, "
+        f"torch {torch.__version__}. Test split, percentages; supervision: x none, "
+        "✓ validation group labels, ✓✓ train group labels.",
+        "",
+        "## Mean ± std over seeds",
+        "",
+        *markdown(aggregate(rows)),
+        "",
+        *(notes or []),
+        "## Every run",
+        "",
+        *markdown(rows),
+    ]
+    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
