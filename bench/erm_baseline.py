@@ -72,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", default=None, help="comma-separated setting names")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--stem", default="erm_baseline", help="name of the results files")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     rows = []
@@ -83,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         for seed in [int(s) for s in args.seeds.split(",")]:
             rows.append(row(name, seed, run_setting(overrides + extra, seed)))
             print(rows[-1], flush=True)
-    write_results(rows, args.out, "erm_baseline")
+    write_results(rows, args.out, args.stem)
     return 0
 
 
