@@ -26,6 +26,12 @@ rank = torch.distributed.get_rank()
 world = torch.distributed.get_world_size()
 checksum = float(sum(p.double().sum() for p in net.parameters()))
 (out / f"rank{rank}.json").write_text(
-    json.dumps({"world": world, "checksum": checksum, "best_epoch": result.best_epoch,
-                "backend": torch.distributed.get_backend()})
+    json.dumps(
+        {
+            "world": world,
+            "checksum": checksum,
+            "best_epoch": result.best_epoch,
+            "backend": torch.distributed.get_backend(),
+        }
+    )
 )

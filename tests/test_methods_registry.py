@@ -35,7 +35,7 @@ DEBUG = [
 def test_method_runs_and_writes_results(name, tmp_path):
     method = available_methods()[name]
     # Methods may ship quick options for debug runs (fewer stages / epochs).
-    overrides = [f"method.options.{k}={v}" for k, v in getattr(method, "debug_options", {}).items()]
+    overrides = [f"method.options.{k}={v}" for k, v in method.debug_options.items()]
     config = load_config(None, DEBUG + [f"method.name={name}"] + overrides)
     results = run(config, tmp_path)
     saved = json.loads((tmp_path / "results.json").read_text())

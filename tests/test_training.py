@@ -138,3 +138,23 @@ def test_diverging_loss_is_reported(tmp_path):
 
     with pytest.raises(UnspurError, match="lower train.lr"):
         fit(model(), train, val, config(epochs=1), tmp_path, objective=Bad())
+
+
+def test_pipeline_runs_are_reproducible(tmp_path):
+    from unspur.config import load_config
+    from unspur.pipeline import run
+
+    settings = [
+        "data.options.n_train=120",
+        "data.options.n_val=40",
+        "data.options.n_test=40",
+        "data.options.size=16",
+        "data.image_size=16",
+        "model.options.widths=[8,8]",
+        "train.epochs=1",
+        "train.progress=false",
+    ]
+    first = run(load_config(None, settings), tmp_path / "a")
+    torch.manual_seed(12345)  # unrelated global state must not matter
+    second = run(load_config(None, settings), tmp_path / "b")
+    assert first["metrics"] == second["metrics"]

@@ -25,6 +25,7 @@ from unspur.io import atomic_write_json, atomic_write_text
 from unspur.methods.base import RunContext, get_method
 from unspur.models.checkpoint import save_checkpoint
 from unspur.models.factory import build_model
+from unspur.train.seeding import seed_everything
 
 
 @dataclass
@@ -111,6 +112,8 @@ def run(config: RunConfig, out_dir: str | Path) -> dict[str, Any]:
     table = prepared.table
 
     def new_model():
+        # Seeded here so that initial weights depend on the run's seed alone.
+        seed_everything(config.seed)
         return build_model(
             config.model.arch, table.n_classes, config.model.pretrained, **config.model.options
         )
@@ -122,6 +125,7 @@ def run(config: RunConfig, out_dir: str | Path) -> dict[str, Any]:
         out_dir=out_dir,
         build_model=new_model,
         train_group_counts=prepared.train_group_counts,
+        eval_transform=prepared.eval_transform,
         options=options,
     )
     model, fit_result = method_cls().run(context)

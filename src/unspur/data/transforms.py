@@ -25,12 +25,20 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255.0)
 
 
+class _Described:
+    """A readable, address-free ``repr`` (used in feature-cache keys and logs)."""
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
+        return f"{type(self).__name__}({fields})"
+
+
 def _rand() -> float:
     # torch's global RNG: DataLoader seeds it per worker, and the training loop seeds it.
     return float(torch.rand(()).item())
 
 
-class Compose:
+class Compose(_Described):
     """Apply PIL-to-PIL steps, then convert to a normalised tensor."""
 
     def __init__(
@@ -43,6 +51,10 @@ class Compose:
         self.mean = None if mean is None else torch.tensor(mean).view(3, 1, 1)
         self.std = None if std is None else torch.tensor(std).view(3, 1, 1)
 
+    def __repr__(self) -> str:
+        stats = [None if t is None else t.flatten().tolist() for t in (self.mean, self.std)]
+        return f"Compose(steps={self.steps!r}, mean={stats[0]}, std={stats[1]})"
+
     def __call__(self, image: Image.Image) -> torch.Tensor:
         image = image.convert("RGB")
         for step in self.steps:
@@ -53,7 +65,7 @@ class Compose:
         return tensor
 
 
-class Resize:
+class Resize(_Described):
     """Resize to ``(size, size)``, or the shorter side to ``size`` with ``keep_ratio``."""
 
     def __init__(self, size: int, keep_ratio: bool = False) -> None:
@@ -73,7 +85,7 @@ class Resize:
         return image.resize(target, Image.BILINEAR)
 
 
-class CenterCrop:
+class CenterCrop(_Described):
     def __init__(self, size: int) -> None:
         self.size = size
 
@@ -84,7 +96,7 @@ class CenterCrop:
         return image.crop((left, top, left + self.size, top + self.size))
 
 
-class RandomResizedCrop:
+class RandomResizedCrop(_Described):
     """Crop a random area fraction in ``scale`` and aspect ratio in ``ratio``, resize.
 
     The same sampling rule as torchvision's, so the papers' augmentation means the same.
@@ -129,7 +141,7 @@ class RandomResizedCrop:
         )
 
 
-class RandomHorizontalFlip:
+class RandomHorizontalFlip(_Described):
     def __init__(self, p: float = 0.5) -> None:
         self.p = p
 

@@ -58,6 +58,7 @@ class RunContext:
     out_dir: Path
     build_model: Callable[[], nn.Module]
     train_group_counts: np.ndarray
+    eval_transform: Callable[[Any], torch.Tensor]
     options: dict[str, Any] = field(default_factory=dict)
 
     def fit(
@@ -117,6 +118,8 @@ class Method:
     supervision: ClassVar[Supervision]
     defaults: ClassVar[dict[str, Any]] = {}
     summary: ClassVar[str] = ""
+    # Option overrides that make a tiny debug run fast (used by the registry-wide test).
+    debug_options: ClassVar[dict[str, Any]] = {}
 
     def run(self, context: RunContext) -> tuple[nn.Module, FitResult]:
         raise NotImplementedError

@@ -76,9 +76,7 @@ class GroupDRO(Method):
         if eta <= 0:
             raise ConfigError(f"groupdro: eta must be positive, got {eta}")
         if adjustment < 0:
-            raise ConfigError(
-                f"groupdro: generalization_adjustment must be >= 0, got {adjustment}"
-            )
+            raise ConfigError(f"groupdro: generalization_adjustment must be >= 0, got {adjustment}")
         train = context.train
         objective = GroupDROObjective(
             train.n_groups,

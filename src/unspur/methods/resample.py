@@ -59,7 +59,9 @@ class _Balancing(Method):
             weights = balanced_weights(labels, n, self.by)
             return model, context.fit(model, self.name, sample_weights=weights)
         if self.mode == "reweight":
-            objective = WeightedCEObjective(inverse_count_weights(counts(labels, n, self.by)), self.by)
+            objective = WeightedCEObjective(
+                inverse_count_weights(counts(labels, n, self.by)), self.by
+            )
             return model, context.fit(model, self.name, objective=objective)
         keep = balanced_subsample_indices(labels, n, context.config.seed, self.by)
         subset = Subset(train, keep.tolist())

@@ -24,6 +24,7 @@ from unspur.errors import ConfigError
 from unspur.models.base import Classifier
 from unspur.models.checkpoint import load_backbone_weights
 from unspur.models.hf_backbone import HFBackbone
+from unspur.models.linear_head import LinearHead
 from unspur.models.resnet import ResNet, load_imagenet_weights
 from unspur.models.small_cnn import MLP, SmallCNN
 
@@ -83,6 +84,16 @@ def _build_small_cnn(
     if pretrained:
         load_backbone_weights(model, pretrained)
     return model
+
+
+@register_architecture("linear")
+def _build_linear(
+    n_classes: int, pretrained: str | None = None, in_features: int = 512, bias: bool = True
+) -> Classifier:
+    """A linear classifier on precomputed features (last-layer retraining, DFR)."""
+    if pretrained:
+        raise ConfigError("the linear head architecture has no pretrained weights")
+    return LinearHead(in_features, n_classes, bias)
 
 
 @register_architecture("mlp")

@@ -15,7 +15,7 @@ never runs the backbone per epoch.
 - :class:`FeatureDataset` yields ``(feature, y, g, index)`` and has ``.table`` and
   ``group_counts()``, so :func:`unspur.train.loop.fit` and
   :func:`unspur.evaluate.predict.evaluate_split` work on it unchanged.
-- :class:`LinearHead` is a :class:`~unspur.models.base.Classifier` whose backbone is
+- :class:`~unspur.models.linear_head.LinearHead` is a :class:`~unspur.models.base.Classifier` whose backbone is
   the identity and whose ``head`` *is* a given ``nn.Linear`` (shared, not copied): the
   loop trains and checkpoints it like any model, and the classifier it came from sees
   the new weights without any copying back.
@@ -121,8 +121,13 @@ class FeatureDataset(Dataset):
         return torch.bincount(self.g, minlength=self.n_groups)
 
     def subset(self, positions: Sequence[int] | np.ndarray) -> FeatureDataset:
-        """Items at ``positions`` (repeats allowed), re-indexed from 0."""
+        """Items at ``positions`` (distinct), re-indexed from 0, with their table rows."""
         positions = np.asarray(positions, dtype=np.int64)
+        if len(np.unique(positions)) != len(positions):
+            raise UnspurError(
+                "FeatureDataset.subset needs distinct positions (a table lists each image "
+                "once); repeat items through sample_weights instead"
+            )
         index = torch.as_tensor(positions)
         return FeatureDataset(
             FeatureSet(
@@ -137,48 +142,6 @@ class FeatureDataset(Dataset):
 
 
 # --------------------------------------------------------------------- the probe
-class LinearHead(Classifier):
-    """A linear classifier on precomputed features: identity backbone + ``head``.
-
-    ``LinearHead.around(model.head)`` shares the given ``nn.Linear``: training the probe
-    trains the classifier's head in place. ``arch="linear"`` lets the training loop
-    checkpoint it (the loop's ``best/`` and resume state).
-    """
-
-    arch = "linear"
-
-    def __init__(self, in_features: int, n_classes: int, bias: bool = True) -> None:
-        super().__init__()
-        self.options = {"in_features": int(in_features), "bias": bool(bias)}
-        self.head = nn.Linear(int(in_features), int(n_classes), bias=bias)
-
-    @classmethod
-    def around(cls, linear: nn.Linear) -> LinearHead:
-        probe = cls(linear.in_features, linear.out_features, linear.bias is not None)
-        probe.head = linear
-        return probe
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        return x
-
-
-def _register_linear_architecture() -> None:
-    from unspur.models.factory import ARCHITECTURES, register_architecture
-
-    if "linear" in ARCHITECTURES:
-        return
-
-    @register_architecture("linear")
-    def _build_linear(
-        n_classes: int, pretrained: str | None = None, in_features: int = 512, bias: bool = True
-    ) -> Classifier:
-        """A linear classifier on precomputed features (last-layer retraining, DFR)."""
-        if pretrained:
-            raise UnspurError("the linear head architecture has no pretrained weights")
-        return LinearHead(in_features, n_classes, bias)
-
-
-_register_linear_architecture()
 
 
 # ------------------------------------------------------------------- cache keys

@@ -134,9 +134,11 @@ def minority_from_losses(
     losses = np.asarray(losses, dtype=np.float64)
     y = np.asarray(y)
     minority = np.zeros(len(losses), dtype=bool)
-    pools = [np.flatnonzero(y == c) for c in range(n_classes)] if per_class else [
-        np.arange(len(losses))
-    ]
+    pools = (
+        [np.flatnonzero(y == c) for c in range(n_classes)]
+        if per_class
+        else [np.arange(len(losses))]
+    )
     for pool in pools:
         if len(pool) == 0:
             continue

@@ -120,7 +120,9 @@ class GroupDROObjective(Objective):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         q = torch.as_tensor(state["q"], dtype=torch.float32)
         if q.shape != (self.n_groups,):
-            raise ValueError(f"GroupDRO state has {tuple(q.shape)} weights, expected {self.n_groups}")
+            raise ValueError(
+                f"GroupDRO state has {tuple(q.shape)} weights, expected {self.n_groups}"
+            )
         self.q = q.clone()
 
 
@@ -181,7 +183,9 @@ class SupConObjective(Objective):
         logits, features = model(x, return_features=True)
         return self.combine(logits, features, y), logits
 
-    def combine(self, logits: torch.Tensor, features: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def combine(
+        self, logits: torch.Tensor, features: torch.Tensor, y: torch.Tensor
+    ) -> torch.Tensor:
         ce = F.cross_entropy(logits.float(), y)
         con = supervised_contrastive_loss(features, y, self.temperature, self.base_temperature)
         return self.beta * ce + (1.0 - self.beta) * con
@@ -212,9 +216,7 @@ class LfFObjective(Objective):
 
     name = "lff"
 
-    def __init__(
-        self, labels: Any, n_classes: int, q: float = 0.7, ema_alpha: float = 0.7
-    ) -> None:
+    def __init__(self, labels: Any, n_classes: int, q: float = 0.7, ema_alpha: float = 0.7) -> None:
         if not 0.0 <= ema_alpha < 1.0:
             raise ConfigError(f"LfF ema_alpha must be in [0, 1), got {ema_alpha}")
         if not 0.0 < q <= 1.0:
@@ -234,8 +236,12 @@ class LfFObjective(Objective):
         """Step 1: the per-sample moving averages of both models' losses."""
         index = index.detach().cpu().long()
         first = 1.0 - self.ema_alpha * self.updated[index]
-        self.ema_b[index] = self.ema_alpha * self.ema_b[index] + first * loss_b.detach().cpu().float()
-        self.ema_d[index] = self.ema_alpha * self.ema_d[index] + first * loss_d.detach().cpu().float()
+        self.ema_b[index] = (
+            self.ema_alpha * self.ema_b[index] + first * loss_b.detach().cpu().float()
+        )
+        self.ema_d[index] = (
+            self.ema_alpha * self.ema_d[index] + first * loss_d.detach().cpu().float()
+        )
         self.updated[index] = 1.0
 
     def class_max(self, ema: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,277 @@
+"""Last-layer methods (DFR, LLR), feature caching, JTT's error set, group inference.
+
+DFR is tested on arrays (no images): a constructed case with one core dimension that
+decides y in every group and one larger spurious dimension that agrees with y on the
+majority groups only.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from unspur.config import RunConfig, TrainConfig
+from unspur.data.dataset import GroupDataset
+from unspur.data.registry import load_dataset
+from unspur.data.transforms import eval_transform
+from unspur.errors import ConfigError
+from unspur.methods.base import RunContext
+from unspur.methods.dfr import (
+    LinearSolution,
+    _l1_logistic,
+    dfr_train_fit,
+    dfr_val_fit,
+    fit_l1_logistic,
+    fit_scaler,
+    group_accuracies,
+)
+from unspur.methods.jtt import error_set, upsample
+from unspur.methods.last_layer import class_balanced_weights, retrain_last_layer
+from unspur.models.factory import build_model
+from unspur.train.features import extract_features
+from unspur.train.group_inference import (
+    infer_groups,
+    minority_from_losses,
+    precision_recall,
+    true_minority,
+)
+
+
+# ------------------------------------------------------------------ DFR on arrays
+def spurious_case(n: int, minority: float, rng: np.random.Generator, noise_dims: int = 3):
+    """Columns: core (sign = y), spurious (sign = a, 3x larger), noise. g = 2y + a."""
+    y = rng.integers(0, 2, n)
+    flip = rng.random(n) < minority
+    a = np.where(flip, 1 - y, y)
+    core = (2 * y - 1) * 1.0 + 0.3 * rng.standard_normal(n)
+    spurious = (2 * a - 1) * 3.0 + 0.3 * rng.standard_normal(n)
+    x = np.column_stack([core, spurious, rng.standard_normal((n, noise_dims))]) + 5.0
+    return x, y, 2 * y + a
+
+
+def test_dfr_val_puts_weight_on_the_core_feature():
+    rng = np.random.default_rng(0)
+    train_x, _, _ = spurious_case(2000, 0.05, rng)
+    val_x, val_y, val_g = spurious_case(400, 0.2, rng)
+    test_x, test_y, test_g = spurious_case(2000, 0.5, rng)
+    solution, info = dfr_val_fit(train_x, val_x, val_y, val_g, 4, 2, seed=0, num_retrains=5)
+    weight, _ = solution.head_weights()
+    assert abs(weight[1, 0]) > 5 * abs(weight[1, 1])  # core >> spurious
+    accs = group_accuracies(solution.predict(test_x), test_y, test_g, 4)
+    assert accs.min() >= 0.97
+    assert info["C"] in (1.0, 0.7, 0.3, 0.1, 0.07, 0.03, 0.01)
+
+
+def test_dfr_train_variant_and_missing_group_error():
+    rng = np.random.default_rng(1)
+    train_x, train_y, train_g = spurious_case(3000, 0.05, rng)
+    val_x, val_y, val_g = spurious_case(300, 0.5, rng)
+    solution, _ = dfr_train_fit(
+        train_x, train_y, train_g, val_x, val_y, val_g, 4, 2, seed=0, num_retrains=3
+    )
+    assert group_accuracies(solution.predict(val_x), val_y, val_g, 4).min() >= 0.95
+    keep = val_g != 3
+    with pytest.raises(ConfigError, match="group"):
+        dfr_val_fit(train_x, val_x[keep], val_y[keep], val_g[keep], 4, 2)
+
+
+def test_scaler_folding_matches_sklearn_binary_and_multiclass():
+    from sklearn.multiclass import OneVsRestClassifier
+
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((120, 6)) * rng.uniform(0.5, 4, 6) + rng.uniform(-3, 3, 6)
+    mean, scale = fit_scaler(x)
+    z = (x - mean) / scale
+    y2 = (x[:, 0] + 0.5 * x[:, 1] > 0).astype(int)
+    clf = _l1_logistic(0.5, 100, 0).fit(z, y2)
+    head = nn.Linear(6, 2)
+    LinearSolution(clf.coef_, clf.intercept_, mean, scale, 2).install(head)
+    with torch.no_grad():
+        logits = head(torch.as_tensor(x, dtype=torch.float32)).double()
+    np.testing.assert_allclose(
+        torch.softmax(logits, 1)[:, 1].numpy(), clf.predict_proba(z)[:, 1], atol=1e-5
+    )
+    np.testing.assert_allclose(
+        (logits[:, 1] - logits[:, 0]).numpy(), clf.decision_function(z), atol=1e-4
+    )
+
+    y3 = np.digitize(x[:, 0], np.quantile(x[:, 0], [1 / 3, 2 / 3]))
+    ovr = OneVsRestClassifier(_l1_logistic(1.0, 100, 0)).fit(z, y3)
+    coef, intercept = fit_l1_logistic(z, y3, 1.0, 3)
+    head3 = nn.Linear(6, 3)
+    LinearSolution(coef, intercept, mean, scale, 3).install(head3)
+    with torch.no_grad():
+        logits3 = head3(torch.as_tensor(x, dtype=torch.float32)).double().numpy()
+    np.testing.assert_allclose(logits3, ovr.decision_function(z), atol=1e-4)
+    assert (logits3.argmax(1) == ovr.predict(z)).all()
+
+
+# -------------------------------------------------------------- JTT's error set
+class ArrayItems(Dataset):
+    def __init__(self, x, y):
+        self.x = torch.as_tensor(x, dtype=torch.float32)
+        self.y = torch.as_tensor(y)
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return self.x[i], int(self.y[i]), 0, i
+
+
+def test_jtt_error_set_is_exactly_the_misclassified_set():
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((50, 2))
+    y = (x[:, 0] > 0).astype(int)
+    y[[3, 7, 11]] = 1 - y[[3, 7, 11]]  # label noise the model gets wrong
+    model = nn.Linear(2, 2)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[-1.0, 0.0], [1.0, 0.0]]))
+        model.bias.zero_()
+    expected = np.flatnonzero((x[:, 0] > 0).astype(int) != y)
+    assert error_set(model, ArrayItems(x, y), batch_size=7).tolist() == expected.tolist()
+    assert set(expected) == {3, 7, 11}
+
+
+@pytest.fixture(scope="module")
+def tiny_data():
+    table = load_dataset("synthetic", None, n_train=48, n_val=24, n_test=8, size=16, bias=0.8)
+    transform = eval_transform(16, 1.0, True)
+    return (
+        table,
+        GroupDataset(table.split("train"), transform),
+        GroupDataset(table.split("val"), transform),
+    )
+
+
+def test_upsampled_dataset_length_counts_and_indices(tiny_data):
+    _, train, _ = tiny_data
+    errors = np.array([1, 3, 10])
+    up = upsample(train, errors, 4)
+    assert len(up) == len(train) + 4 * len(errors)
+    counts = np.bincount(up.source_index, minlength=len(train))
+    assert counts[errors].tolist() == [5, 5, 5]
+    assert counts.sum() - counts[errors].sum() == len(train) - len(errors)
+    x, y, g, index = up[len(train) + 1]
+    assert index == len(train) + 1 and y == int(train.y[3]) and g == int(train.g[3])
+    assert torch.equal(x, train[3][0])
+    expected = train.group_counts().clone()
+    expected += 4 * torch.bincount(train.g[errors], minlength=train.n_groups)
+    assert torch.equal(up.group_counts(), expected)
+    with pytest.raises(ConfigError):
+        upsample(train, errors, -1)
+
+
+# ----------------------------------------------------------------- feature cache
+def counting(model):
+    calls = {"n": 0}
+    original = model.features
+
+    def features(x):
+        calls["n"] += 1
+        return original(x)
+
+    model.features = features
+    return calls
+
+
+def test_feature_cache_computes_once_hits_disk_and_invalidates(tiny_data, tmp_path):
+    _, train, _ = tiny_data
+    torch.manual_seed(0)
+    model = build_model("small_cnn", 2, widths=[4, 4])
+    calls = counting(model)
+    first = extract_features(model, train, batch_size=16, cache_dir=tmp_path)
+    assert calls["n"] == 3  # 48 items / 16: the backbone ran once per item
+    assert first.features.shape == (48, model.feature_dim)
+    second = extract_features(model, train, batch_size=16, cache_dir=tmp_path)
+    assert calls["n"] == 3  # disk cache hit: the backbone did not run
+    assert torch.equal(first.features, second.features) and second.key == first.key
+    with torch.no_grad():
+        model.head.weight.add_(1.0)  # the head does not change features
+    extract_features(model, train, batch_size=16, cache_dir=tmp_path)
+    assert calls["n"] == 3
+    with torch.no_grad():
+        next(model.backbone_parameters()).mul_(2.0)
+    third = extract_features(model, train, batch_size=16, cache_dir=tmp_path)
+    assert calls["n"] == 6 and third.key != first.key
+    assert not torch.equal(third.features, first.features)
+    # eval mode: features match a direct no-grad pass in eval mode
+    model.eval()
+    with torch.no_grad():
+        direct = torch.cat([model.features(train[i][0][None]) for i in range(4)])
+    torch.testing.assert_close(third.features[:4], direct)
+
+
+# ---------------------------------------------------------------------- LLR
+def test_llr_trains_only_the_head_on_cached_features(tiny_data, tmp_path):
+    _, train, val = tiny_data
+    config = RunConfig(train=TrainConfig(epochs=3, batch_size=16, progress=False))
+    config.data.image_size = 16
+    torch.manual_seed(0)
+    model = build_model("small_cnn", 2, widths=[4, 4])
+    context = RunContext(
+        config=config,
+        train=train,
+        val=val,
+        out_dir=tmp_path,
+        build_model=lambda: build_model("small_cnn", 2, widths=[4, 4]),
+        train_group_counts=train.group_counts().numpy(),
+        eval_transform=val.transform,
+    )
+    backbone_before = {k: v.clone() for k, v in model.state_dict().items() if "head" not in k}
+    head_before = model.head.weight.detach().clone()
+    calls = counting(model)
+    result = retrain_last_layer(context, model, "llr", {"epochs": 3, "lr": 0.05}, "class")
+    assert calls["n"] == 2  # one batch for train (48 items), one for val; never per epoch
+    assert len(result.history) == 3
+    after = model.state_dict()
+    for key, value in backbone_before.items():
+        assert torch.equal(after[key], value), key
+    assert not torch.equal(model.head.weight, head_before)
+    assert model.backbone_frozen
+    # rerun reuses the cached features and the finished stage
+    retrain_last_layer(context, model, "llr", {"epochs": 3, "lr": 0.05}, "class")
+    assert calls["n"] == 2
+
+
+def test_class_balanced_weights():
+    w = class_balanced_weights(np.array([0, 0, 0, 1]), 2)
+    np.testing.assert_allclose(w, [1 / 3, 1 / 3, 1 / 3, 1.0])
+
+
+# ------------------------------------------------------------- group inference
+def test_group_inference_precision_recall_on_a_constructed_case():
+    # class 0: groups 0 (majority, 6) and 1 (minority, 2); class 1: 3 (majority) 2 (minority)
+    y = np.array([0] * 8 + [1] * 8)
+    g = np.array([0] * 6 + [1] * 2 + [3] * 6 + [2] * 2)
+    truth = true_minority(y, g, 2, 2)
+    assert truth.tolist() == [False] * 6 + [True] * 2 + [False] * 6 + [True] * 2
+    losses = np.linspace(0.1, 0.2, 16)
+    losses[[6, 7, 14, 2]] = [5.0, 4.0, 3.0, 6.0]  # 3 true minorities + 1 false alarm
+    picked = minority_from_losses(losses, y, 2, quantile=0.25)  # 2 per class
+    assert np.flatnonzero(picked).tolist() == [2, 6, 14, 15]
+    report = precision_recall(picked, truth)
+    assert report["precision"] == pytest.approx(3 / 4)
+    assert report["recall"] == pytest.approx(3 / 4)
+    assert report["n_correct"] == 3
+    top1 = minority_from_losses(losses, y, 2, top_k=1, per_class=False)
+    assert np.flatnonzero(top1).tolist() == [2]
+    assert precision_recall(np.zeros(16, bool), truth)["precision"] == 0.0
+
+
+def test_infer_groups_from_a_model():
+    x = np.array([[1.0, 0], [2, 0], [-1, 0], [-2, 0]])
+    y = np.array([1, 0, 0, 1])  # items 1 and 3 are wrong for a sign classifier
+    model = nn.Linear(2, 2)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[-1.0, 0.0], [1.0, 0.0]]))
+        model.bias.zero_()
+    inferred = infer_groups(model, ArrayItems(x, y), "error")
+    assert inferred.is_minority.tolist() == [False, True, False, True]
+    assert inferred.pseudo_g.tolist() == [2, 1, 0, 3]
+    by_loss = infer_groups(model, ArrayItems(x, y), "loss_topk", top_k=1)
+    assert by_loss.is_minority.tolist() == [False, True, False, True]
+    assert (by_loss.losses[[1, 3]] > by_loss.losses[[0, 2]].max()).all()
