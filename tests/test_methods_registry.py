@@ -50,3 +50,18 @@ def test_method_runs_and_writes_results(name, tmp_path):
     assert sup["train_group_labels"] == method.supervision.train_group_labels
     assert (tmp_path / "model" / "model.safetensors").is_file()
     assert results["method_options"] == saved["method_options"]
+
+
+def test_group_method_on_inferred_groups(tmp_path):
+    """GroupDRO on pseudo-groups from the ERM model's errors: no train group labels used."""
+    config = load_config(
+        None,
+        DEBUG + ["method.name=groupdro", "method.group_inference={rule: loss_quantile, quantile: 0.1}"],
+    )
+    results = run(config, tmp_path)
+    assert results["supervision"]["train_group_labels"] is False
+    report = results["group_inference"]
+    assert report["rule"] == "loss_quantile" and report["n"] == 160
+    assert 0.0 <= report["against_true_groups"]["precision"] <= 1.0
+    assert (tmp_path / "group_inference.json").is_file()
+    assert (tmp_path / "erm" / "best" / "model.json").is_file()  # the reference model

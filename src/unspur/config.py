@@ -71,6 +71,9 @@ class MethodConfig:
     name: str = "erm"
     options: dict[str, Any] = field(default_factory=dict)
     reference: str | None = None  # a saved ERM model directory to reuse (DFR, JTT, ...)
+    # Train-group labels inferred from the reference model instead of read from the data:
+    # {rule: error | loss_quantile | loss_topk, quantile: 0.1, top_k: 10, per_class: true}
+    group_inference: dict[str, Any] | None = None
 
 
 @dataclass

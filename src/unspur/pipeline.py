@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import platform
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ from unspur.data.dataset import GroupDataset, drop_bad_images
 from unspur.data.registry import load_dataset
 from unspur.data.table import GroupTable, require_nonempty_groups
 from unspur.data.transforms import eval_transform, train_transform
+from unspur.errors import ConfigError
 from unspur.evaluate.metrics import DEFINITIONS, GroupMetrics
 from unspur.evaluate.predict import evaluate_split
 from unspur.io import atomic_write_json, atomic_write_text
@@ -100,6 +101,30 @@ def evaluate_model(model, prepared: PreparedData, batch_size: int = 256) -> dict
     return results
 
 
+def _use_inferred_groups(context: RunContext, options: dict[str, Any]) -> dict[str, Any]:
+    """Replace the training groups by pseudo-groups from the reference (ERM) model.
+
+    The report scores the inferred minority against the true bias-conflicting samples.
+    """
+    from unspur.data.dataset import GroupDataset
+    from unspur.train.group_inference import infer_groups, with_inferred_groups
+
+    allowed = {"rule", "quantile", "top_k", "per_class"}
+    unknown = sorted(set(options) - allowed)
+    if unknown:
+        raise ConfigError(
+            f"method.group_inference has no key(s) {unknown}; use {', '.join(sorted(allowed))}"
+        )
+    reference = context.reference_model()
+    view = GroupDataset(context.train.table, context.eval_transform)
+    inference = infer_groups(reference, view, **{"rule": "error", **options})
+    table = context.train.table
+    report = inference.report(table.groups, table.n_attrs)
+    context.train = with_inferred_groups(context.train, inference)
+    atomic_write_json(context.out_dir / "group_inference.json", report)
+    return report
+
+
 def run(config: RunConfig, out_dir: str | Path) -> dict[str, Any]:
     """Train ``config.method`` on ``config.data``, evaluate, write ``results.json``."""
     out_dir = Path(out_dir)
@@ -128,10 +153,15 @@ def run(config: RunConfig, out_dir: str | Path) -> dict[str, Any]:
         eval_transform=prepared.eval_transform,
         options=options,
     )
+    inference_report = None
+    if config.method.group_inference is not None:
+        inference_report = _use_inferred_groups(context, config.method.group_inference)
     model, fit_result = method_cls().run(context)
     save_checkpoint(model, out_dir / "model", extra={"method": method_cls.name})
     metrics = evaluate_model(model, prepared, config.train.eval_batch_size)
     supervision = method_cls.supervision.given_selection(fit_result.selection)
+    if inference_report is not None:
+        supervision = replace(supervision, train_group_labels=False)
     results = {
         "method": method_cls.name,
         "dataset": table.name,
@@ -142,6 +172,7 @@ def run(config: RunConfig, out_dir: str | Path) -> dict[str, Any]:
             "symbol": supervision.symbol,
         },
         "selection": {"rule": fit_result.selection, "best_epoch": fit_result.best_epoch},
+        "group_inference": inference_report,
         "metrics": {split: m.to_dict() for split, m in metrics.items()},
         "definitions": DEFINITIONS,
         "data": {

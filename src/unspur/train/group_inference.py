@@ -227,3 +227,22 @@ def precision_recall(pseudo_minority: np.ndarray, true_minority: np.ndarray) -> 
         "n_true": n_true,
         "n_correct": hits,
     }
+
+
+def with_inferred_groups(dataset: Any, inference: GroupInference) -> Any:
+    """A copy of a :class:`GroupDataset` whose attribute is the inferred minority flag.
+
+    The table's ``a`` becomes ``is_minority`` (attributes "inferred majority" /
+    "inferred minority"), so a method that needs training groups (GroupDRO,
+    group-balanced sampling) runs on the pseudo-groups ``y * 2 + is_minority`` without
+    seeing the true attribute. The true ``a`` is kept in a ``true_a`` column.
+    """
+    from unspur.data.dataset import GroupDataset
+
+    table = dataset.table
+    frame = table.frame.copy()
+    frame["true_a"] = frame["a"]
+    frame["a"] = inference.is_minority.astype(np.int64)
+    relabelled = table.with_frame(frame)
+    relabelled.attr_names = ["inferred majority", "inferred minority"]
+    return GroupDataset(relabelled, dataset.transform)
