@@ -20,29 +20,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import data_overrides, row, run_setting, write_results  # noqa: E402
+from common import COLORED_MNIST, SYNTHETIC, data_overrides, row, run_setting, write_results  # noqa: E402
 
-SYNTHETIC = [
-    "data.name=synthetic",
-    "data.options.bias=0.99",
-    "data.options.n_train=2000",
-    "model.arch=small_cnn",
-    "train.epochs=8",
-    "train.lr=0.05",
-    "train.augment=false",
-]
-COLORED_MNIST = [
-    "data.name=colored_mnist",
-    "data.options.conflict_ratio=0.01",
-    "data.image_size=28",
-    "data.normalize=false",
-    "model.arch=mlp",
-    "train.epochs=20",
-    "train.optimizer=adam",
-    "train.lr=0.001",
-    "train.weight_decay=0",
-    "train.augment=false",
-]
 UTKFACE = [
     "data.name=utkface",
     "data.options.target=gender",
@@ -58,8 +37,8 @@ UTKFACE = [
     "train.augment=false",
 ]
 SETTINGS: dict[str, tuple[list[str], str | None]] = {
-    "synthetic-99": (SYNTHETIC, None),
-    "colored_mnist-1%": (COLORED_MNIST, "mnist"),
+    "synthetic-99": (SYNTHETIC + ["data.options.bias=0.99"], None),
+    "colored_mnist-1%": (COLORED_MNIST + ["data.options.conflict_ratio=0.01"], "mnist"),
     "utkface-99.9": (UTKFACE + ["data.bias_ratio=0.999"], "utkface"),
     "utkface-natural": (UTKFACE, "utkface"),
 }

@@ -21,6 +21,27 @@ import torch
 from unspur.config import load_config
 from unspur.pipeline import run
 
+# CPU-sized base settings shared by the benchmark scripts.
+SYNTHETIC = [
+    "data.name=synthetic",
+    "data.options.n_train=2000",
+    "model.arch=small_cnn",
+    "train.epochs=8",
+    "train.lr=0.05",
+    "train.augment=false",
+]
+COLORED_MNIST = [
+    "data.name=colored_mnist",
+    "data.image_size=28",
+    "data.normalize=false",
+    "model.arch=mlp",
+    "train.epochs=20",
+    "train.optimizer=adam",
+    "train.lr=0.001",
+    "train.weight_decay=0",
+    "train.augment=false",
+]
+
 HEADLINE = ("worst_group_accuracy", "average_accuracy", "balanced_accuracy", "accuracy")
 
 

@@ -17,35 +17,17 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import data_overrides, row, run_setting, write_results  # noqa: E402
+from common import COLORED_MNIST, SYNTHETIC, data_overrides, row, run_setting, write_results  # noqa: E402
 
-SYNTHETIC = [
-    "data.name=synthetic",
-    "data.options.n_train=2000",
-    "model.arch=small_cnn",
-    "train.epochs=8",
-    "train.lr=0.05",
-    "train.augment=false",
-]
-COLORED_MNIST = [
-    "data.name=colored_mnist",
-    "data.image_size=28",
-    "data.normalize=false",
-    "model.arch=mlp",
-    "train.epochs=20",
-    "train.optimizer=adam",
-    "train.lr=0.001",
-    "train.weight_decay=0",
-    "train.augment=false",
-    "train.selection=last",
-]
+# LfF and DiffInject report the last epoch on Colored MNIST.
+CMNIST_LAST = COLORED_MNIST + ["train.selection=last"]
 
 # name -> (config overrides, the path it needs under --data-dir)
 SETTINGS: dict[str, tuple[list[str], str | None]] = {
     "synthetic-95": (SYNTHETIC + ["data.options.bias=0.95"], None),
     "synthetic-99": (SYNTHETIC + ["data.options.bias=0.99"], None),
-    "colored_mnist-1%": (COLORED_MNIST + ["data.options.conflict_ratio=0.01"], "mnist"),
-    "colored_mnist-5%": (COLORED_MNIST + ["data.options.conflict_ratio=0.05"], "mnist"),
+    "colored_mnist-1%": (CMNIST_LAST + ["data.options.conflict_ratio=0.01"], "mnist"),
+    "colored_mnist-5%": (CMNIST_LAST + ["data.options.conflict_ratio=0.05"], "mnist"),
     "utkface-gender-age-99": (
         [
             "data.name=utkface",

@@ -29,7 +29,7 @@ from unspur.methods.dfr import (
     group_accuracies,
 )
 from unspur.methods.jtt import error_set, upsample
-from unspur.methods.last_layer import class_balanced_weights, retrain_last_layer
+from unspur.methods.last_layer import retrain_last_layer
 from unspur.models.factory import build_model
 from unspur.train.features import extract_features
 from unspur.train.group_inference import (
@@ -235,11 +235,6 @@ def test_llr_trains_only_the_head_on_cached_features(tiny_data, tmp_path):
     # rerun reuses the cached features and the finished stage
     retrain_last_layer(context, model, "llr", {"epochs": 3, "lr": 0.05}, "class")
     assert calls["n"] == 2
-
-
-def test_class_balanced_weights():
-    w = class_balanced_weights(np.array([0, 0, 0, 1]), 2)
-    np.testing.assert_allclose(w, [1 / 3, 1 / 3, 1 / 3, 1.0])
 
 
 # ------------------------------------------------------------- group inference

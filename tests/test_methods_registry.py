@@ -56,7 +56,8 @@ def test_group_method_on_inferred_groups(tmp_path):
     """GroupDRO on pseudo-groups from the ERM model's errors: no train group labels used."""
     config = load_config(
         None,
-        DEBUG + ["method.name=groupdro", "method.group_inference={rule: loss_quantile, quantile: 0.1}"],
+        DEBUG
+        + ["method.name=groupdro", "method.group_inference={rule: loss_quantile, quantile: 0.1}"],
     )
     results = run(config, tmp_path)
     assert results["supervision"]["train_group_labels"] is False

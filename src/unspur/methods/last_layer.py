@@ -48,6 +48,11 @@ from unspur.models.linear_head import LinearHead
 from unspur.train.features import FeatureDataset, extract_features, with_transform
 from unspur.train.loop import FitResult
 from unspur.train.objectives import Objective
+from unspur.train.sampling import (
+    balanced_subsample_indices,
+    class_balanced_weights,
+    group_balanced_weights,
+)
 
 HEAD_DEFAULTS: dict[str, Any] = {
     "epochs": 50,
@@ -99,39 +104,11 @@ def head_train_config(base: TrainConfig, options: dict[str, Any]) -> TrainConfig
     return replace(base, scheduler="none", augment=False, num_workers=0, **overrides)
 
 
-def class_balanced_weights(y: torch.Tensor | np.ndarray, n_classes: int) -> np.ndarray:
-    """Per-sample weights ``1 / n_y``: every class is drawn with equal probability."""
-    y = np.asarray(y, dtype=np.int64)
-    counts = np.bincount(y, minlength=n_classes).astype(np.float64)
-    return 1.0 / counts[y]
-
-
-def group_balanced_weights(g: torch.Tensor | np.ndarray, n_groups: int) -> np.ndarray:
-    """Per-sample weights ``1 / n_g``: every present group drawn with equal probability."""
-    g = np.asarray(g, dtype=np.int64)
-    counts = np.bincount(g, minlength=n_groups).astype(np.float64)
-    return 1.0 / counts[g]
-
-
 def balanced_subset(
     g: torch.Tensor | np.ndarray, n_groups: int, rng: np.random.Generator, what: str = "training"
 ) -> np.ndarray:
-    """Positions of a group-balanced subset: every group subsampled to the smallest.
-
-    Raises a :class:`ConfigError` naming the empty groups: a balanced subset needs every
-    group present.
-    """
-    g = np.asarray(g, dtype=np.int64)
-    members = [np.flatnonzero(g == k) for k in range(n_groups)]
-    empty = [k for k, m in enumerate(members) if len(m) == 0]
-    if empty:
-        raise ConfigError(
-            f"the {what} data has no sample of group(s) {empty}; a group-balanced subset "
-            "needs every group (use a method without training group labels, e.g. llr_all, "
-            "or a dataset split where every group occurs)"
-        )
-    smallest = min(len(m) for m in members)
-    return np.sort(np.concatenate([rng.permutation(m)[:smallest] for m in members]))
+    """Positions of a group-balanced subset of the ``what`` data, every group present."""
+    return balanced_subsample_indices(g, n_groups, rng, f"{what} group", require_all=True)
 
 
 def backbone_device(model: nn.Module) -> torch.device:

@@ -81,18 +81,31 @@ def inverse_count_weights(count: torch.Tensor | np.ndarray) -> torch.Tensor:
 
 
 def balanced_subsample_indices(
-    values: torch.Tensor | np.ndarray, n: int, seed: int, what: str = "group"
+    values: torch.Tensor | np.ndarray,
+    n: int,
+    seed: int | np.random.Generator,
+    what: str = "group",
+    require_all: bool = False,
 ) -> np.ndarray:
     """Indices keeping ``min_g n_g`` samples of every non-empty group, chosen at random.
 
-    Deterministic given ``seed`` (a NumPy generator of its own; no global state). Empty
-    groups are ignored (the size is the smallest *non-empty* group). Returned sorted.
+    ``seed`` is an int (a NumPy generator of its own; no global state) or a generator to
+    draw from (DFR draws many subsets in a row). Empty groups are ignored (the size is
+    the smallest *non-empty* group) unless ``require_all``, which raises a
+    :class:`ConfigError` naming them. Returned sorted.
     """
     labels = _labels(values, n, what).numpy()
     present = [k for k in range(n) if (labels == k).any()]
+    if require_all and len(present) < n:
+        empty = [k for k in range(n) if k not in present]
+        raise ConfigError(
+            f"the data has no sample of {what}(s) {empty}; a {what}-balanced subset needs "
+            f"every {what} (use a method without training group labels, e.g. llr_all, or "
+            "a split where every group occurs)"
+        )
     if not present:
         raise ConfigError(f"cannot subsample: no {what} has any sample")
     size = min(int((labels == k).sum()) for k in present)
-    rng = np.random.default_rng(seed)
-    keep = [rng.choice(np.flatnonzero(labels == k), size=size, replace=False) for k in present]
+    rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+    keep = [rng.permutation(np.flatnonzero(labels == k))[:size] for k in present]
     return np.sort(np.concatenate(keep))
