@@ -158,3 +158,11 @@ def test_pipeline_runs_are_reproducible(tmp_path):
     torch.manual_seed(12345)  # unrelated global state must not matter
     second = run(load_config(None, settings), tmp_path / "b")
     assert first["metrics"] == second["metrics"]
+
+
+def test_tensorboard_curves_are_written(tmp_path):
+    pytest.importorskip("tensorboard")
+    train, val = datasets()
+    fit(model(), train, val, config(epochs=2, tensorboard=True), tmp_path)
+    events = list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0

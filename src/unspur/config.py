@@ -64,6 +64,7 @@ class TrainConfig:
     mixed_precision: str = "no"  # no | fp16 | bf16
     progress: bool = True
     checkpoint_every: int = 1
+    tensorboard: bool = False  # log curves to <stage>/tensorboard (needs `tensorboard`)
 
 
 @dataclass

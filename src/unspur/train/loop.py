@@ -168,6 +168,9 @@ def fit(
     if config.epochs == 0 and not (out_dir / "best" / "model.json").exists():
         _save_best(accelerator, model, out_dir, {"epoch": 0})
 
+    curves = _CurveLogger(
+        out_dir / "tensorboard", config.tensorboard and accelerator.is_main_process
+    )
     for epoch in range(start_epoch, config.epochs):
         started = time.perf_counter()
         generator.manual_seed(epoch_seed(seed, epoch))
@@ -216,6 +219,7 @@ def fit(
             best_score, best_epoch = score, epoch + 1
             _save_best(accelerator, model, out_dir, {"epoch": epoch + 1, "selection": rule})
         accelerator.print(_summary(description, record))
+        curves.log(record)
         if (epoch + 1) % config.checkpoint_every == 0 or epoch + 1 == config.epochs:
             state.save(
                 accelerator,
@@ -230,12 +234,44 @@ def fit(
             )
         atomic_write_json(out_dir / "history.json", history)
 
+    curves.close()
     unwrapped = accelerator.unwrap_model(model)
     load_weights(unwrapped, out_dir / "best")
     best_val = next((h.get("val") for h in history if h["epoch"] == best_epoch), None)
     return FitResult(
         best_epoch=max(best_epoch, 0), selection=rule, history=history, best_val=best_val
     )
+
+
+class _CurveLogger:
+    """Optional TensorBoard scalars: training loss/accuracy, lr and validation metrics."""
+
+    def __init__(self, directory: Path, enabled: bool) -> None:
+        self.writer = None
+        if not enabled:
+            return
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as exc:
+            raise UnspurError(
+                "train.tensorboard=true needs the tensorboard package: "
+                "pip install tensorboard (or set train.tensorboard=false)"
+            ) from exc
+        self.writer = SummaryWriter(log_dir=str(directory))
+
+    def log(self, record: dict[str, Any]) -> None:
+        if self.writer is None:
+            return
+        step = record["epoch"]
+        for key in ("train_loss", "train_accuracy", "lr"):
+            self.writer.add_scalar(f"train/{key}", record[key], step)
+        for key, value in record.get("val", {}).items():
+            self.writer.add_scalar(f"val/{key}", value, step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
 
 
 def _progress(loader: DataLoader, desc: str, config: TrainConfig):
