@@ -1,0 +1,656 @@
+"""MaC: Mask and Combine ("Mitigating Spurious Correlation in Images by Intervention").
+
+The recipe, stage by stage (files under ``out_dir/mac``):
+
+1. **Reference model.** ERM (``context.reference_model()``, reused by every method).
+2. **Core masks, once** (``masks.safetensors``, uint8 0/1 of shape ``(N, H, W)`` in
+   training-set order, written atomically; ``masks.json`` says how they were made).
+   Saliency of every training image under the eval transform: ``saliency: xgradcam``
+   (default; xGradCAM of the reference model on its ``cam_layer``, the last conv block,
+   for the image's *true* class) or ``saliency: ground_truth`` (the dataset's core
+   masks, e.g. the synthetic benchmark's). The ``top_k`` highest-scoring pixels form
+   the mask (:func:`unspur.explain.masks.top_k_mask`): default the paper's 15000 of
+   224x224 pixels as a fraction (29.9%) at any image size; an ``int`` is a count, a
+   ``float`` a fraction. ``mask_size: adaptive`` instead picks the fraction at the elbow
+   of the reference model's masked-loss curve (DaC's adaptive mask size, see
+   :mod:`unspur.explain.masks`), on ``adaptive_samples`` random training images.
+   The masks are keyed by the reference weights, the data and these options: a rerun
+   reuses them, a change recomputes them.
+3. **Last-layer retraining** with the backbone frozen (eval mode, no gradient) and a
+   fresh head, minimising ``L_CE + alpha * L_rmv + beta * L_comb`` where ``L_rmv`` is the
+   cross-entropy on the "remove" intervention and ``L_comb`` on the "combine"
+   intervention (:mod:`unspur.train.interventions`; both keep the label ``y_i``).
+   Paper settings as defaults: Adam, lr 5e-3, StepLR(step 5, gamma 0.5), batch 32, no
+   weight decay. ``search: true`` trains every ``(alpha, beta)`` of ``alpha_grid`` x
+   ``beta_grid`` (the paper's {0, 1, 2} x {0, ..., 5}) and keeps the one with the best
+   validation worst-group accuracy (``search.json``); with ``search: false`` (the
+   default, to keep CPU runs cheap) ``alpha = beta = 1``: both interventions on, with
+   the weight of the clean loss, the middle of the paper's alpha range. The number of
+   head epochs is not given in the text we could check: 20 (four StepLR halvings) is
+   our choice. ``balance: class`` draws class-balanced batches (the paper's CelebA
+   setting). Group labels serve only model selection (epoch, and alpha/beta with
+   ``search``): supervision ✓, or x with ``train.selection=average``.
+4. **Mask quality** (``mask_quality.csv``, the paper's Table 1) when the training table
+   has ground-truth masks; **figures** (``figures/misclassified.png``): xGradCAM of the
+   reference model and of the retrained model (the new head changes the channel
+   weights) for up to ``figures`` validation images the reference model gets wrong.
+
+Where interventions are computed (``views``). The paper intervenes per batch: the
+partner ``j`` and the batch mean colour depend on the batch. ``views: 0`` (default)
+does exactly that: an :class:`MaCObjective` builds both interventions for every batch
+of every epoch and runs the frozen backbone once on ``[x; x_rmv; x_comb]`` (one
+forward pass, no gradient; only the head's gradient is computed), so a head epoch
+costs about 3 backbone forward passes over the training set, i.e. roughly one ERM
+epoch. ``views: N`` precomputes ``N`` intervened views of every image once (each drawn
+from a random batch of ``batch_size`` exactly as in training) and trains the head on
+cached features, cycling through the views by epoch: ``1 + 2N`` backbone passes in
+total instead of 3 per epoch, which makes ``search: true`` (18 head trainings) cheap on
+a CPU; the price is a finite set of partners per image. In both modes the training
+images are read through the *eval* transform (masks must line up with the pixels; the
+frozen backbone makes augmentation moot for the features of clean images).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import math
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Subset
+
+from unspur.config import TrainConfig
+from unspur.data.dataset import GroupDataset
+from unspur.errors import ConfigError
+from unspur.explain.masks import (
+    ADAPTIVE_GRID,
+    elbow_index,
+    has_ground_truth,
+    image_mask_stats,
+    load_ground_truth,
+    masked_loss_curve,
+    resolve_top_k,
+    summarize_mask_stats,
+    top_k_mask,
+)
+from unspur.explain.xgradcam import resolve_layer, xgradcam
+from unspur.io import atomic_write_json, atomic_write_text
+from unspur.methods.base import Method, RunContext, Supervision, register_method
+from unspur.methods.last_layer import backbone_device, cached_features, train_head
+from unspur.models.base import Classifier
+from unspur.train.features import dataset_fingerprint, describe, with_transform
+from unspur.train.interventions import batch_mean_colour, combine, draw_partners, remove
+from unspur.train.loop import FitResult
+from unspur.train.objectives import Objective
+from unspur.train.sampling import class_balanced_weights
+from unspur.train.seeding import seed_everything
+
+logger = logging.getLogger(__name__)
+
+#: Bump when the way masks are computed changes, so old mask files are not reused.
+MASK_VERSION = 1
+PAPER_ALPHA_GRID = (0.0, 1.0, 2.0)
+PAPER_BETA_GRID = (0.0, 1.0, 2.0, 3.0, 4.0, 5.0)
+
+
+# --------------------------------------------------------------------- helpers
+def require_cam_model(model: nn.Module, layer: str | None, what: str = "MaC") -> nn.Module:
+    """The xGradCAM layer of ``model``, or a :class:`ConfigError` saying what to use."""
+    if not isinstance(model, Classifier):
+        raise ConfigError(f"{what} needs an unspur Classifier (backbone + linear head)")
+    try:
+        return resolve_layer(model, layer)
+    except ConfigError as err:
+        raise ConfigError(
+            f"{what} computes xGradCAM masks and needs a convolutional model: {err}. "
+            "Set model.arch=small_cnn (or resnet18 / resnet50)"
+        ) from err
+
+
+def model_hash(model: nn.Module) -> str:
+    """SHA-256 of a model's whole state (head included: CAMs depend on it)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous().reshape(-1)
+        if t.dtype == torch.bool:
+            t = t.to(torch.uint8)
+        digest.update(f"{name}|{t.dtype}|{tuple(tensor.shape)}\n".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def mask_key(model: nn.Module, view: GroupDataset, settings: dict[str, Any]) -> str:
+    """Cache key of a mask file: model weights, data, transform and mask settings."""
+    parts = {
+        "version": MASK_VERSION,
+        "model": model_hash(model),
+        "data": dataset_fingerprint(view),
+        "transform": describe(view.transform),
+        "settings": settings,
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def save_masks(path, masks: torch.Tensor, key: str, info: dict[str, Any]) -> None:
+    """Write ``(N, H, W)`` 0/1 masks as uint8 safetensors, atomically, with their key."""
+    from unspur.models.checkpoint import save_state
+
+    save_state(
+        path, {"masks": masks.to(torch.uint8)}, {"key": key, "info": json.dumps(info, default=str)}
+    )
+
+
+def load_masks(path, key: str, n: int) -> tuple[torch.Tensor, dict[str, Any]] | None:
+    """Masks saved under ``key`` with ``n`` rows, or None (missing, stale or unreadable)."""
+    from safetensors import safe_open
+
+    from unspur.models.checkpoint import load_state
+
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            meta = handle.metadata() or {}
+        if meta.get("key") != key:
+            return None
+        masks = load_state(path)["masks"]
+        info = json.loads(meta.get("info", "{}"))
+    except Exception as err:  # noqa: BLE001 - any unreadable file is recomputed
+        logger.warning("ignoring unreadable mask file %s (%s)", path, err)
+        return None
+    if masks.ndim != 3 or masks.shape[0] != n:
+        return None
+    return masks, info
+
+
+def _loader(dataset, batch_size: int, positions=None, num_workers: int = 0) -> DataLoader:
+    data = dataset if positions is None else Subset(dataset, [int(p) for p in positions])
+    return DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+
+
+def saliency_of(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    index: torch.Tensor,
+    saliency: str,
+    layer: str | None,
+    view: GroupDataset,
+) -> torch.Tensor:
+    """Saliency maps ``(B, H, W)`` of a batch from the chosen source, on the CPU."""
+    if saliency == "xgradcam":
+        device = backbone_device(model)
+        return xgradcam(model, x.to(device), y.to(device), layer).cpu()
+    size = tuple(x.shape[-2:])
+    return load_ground_truth(view.table, index.tolist(), view.transform, size)
+
+
+# ----------------------------------------------------------------------- masks
+def compute_masks(
+    context: RunContext, model: nn.Module, options: dict[str, Any], directory
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """MaC's core masks of the training set (stage 2), cached in ``directory``.
+
+    Returns uint8 0/1 masks ``(N, H, W)`` in training order and an info dict (pixel
+    count, fraction, the adaptive curve). Writes ``mask_quality.csv`` when the table
+    has ground-truth masks.
+    """
+    view = with_transform(context.train, context.eval_transform)
+    saliency = options["saliency"]
+    layer = options["layer"]
+    batch_size = int(options["mask_batch_size"])
+    settings = {
+        k: options[k]
+        for k in ("saliency", "layer", "top_k", "mask_size", "adaptive_grid", "adaptive_samples")
+    }
+    settings["seed"] = context.config.seed
+    key = mask_key(model, view, settings)
+    path = directory / "masks.safetensors"
+    cached = load_masks(path, key, len(view))
+    if cached is not None:
+        logger.info("MaC masks reused from %s", path)
+        return cached
+
+    n = len(view)
+    top_k = options["top_k"]
+    info: dict[str, Any] = {"saliency": saliency, "layer": layer, "mask_size": options["mask_size"]}
+    if options["mask_size"] == "adaptive":
+        grid = [float(q) for q in options["adaptive_grid"]]
+        rng = np.random.default_rng(context.config.seed)
+        count = min(n, int(options["adaptive_samples"]))
+        chosen = np.sort(rng.choice(n, size=count, replace=False))
+        batches = [
+            (x, y, saliency_of(model, x, y, index, saliency, layer, view))
+            for x, y, _g, index in _loader(view, batch_size, chosen)
+        ]
+        curve = masked_loss_curve(model, batches, grid)
+        top_k = grid[elbow_index(grid, curve)]
+        info["adaptive_curve"] = {"q": grid, "loss": curve, "chosen": top_k}
+        logger.info("MaC adaptive mask size: keep %.2f of the pixels", top_k)
+
+    gt = has_ground_truth(view.table)
+    masks: torch.Tensor | None = None
+    stats = []
+    for x, y, _g, index in _loader(view, batch_size):
+        maps = saliency_of(model, x, y, index, saliency, layer, view)
+        mask = top_k_mask(maps, top_k)
+        if masks is None:
+            masks = torch.zeros((n, *mask.shape[1:]), dtype=torch.uint8)
+        masks[index] = mask.to(torch.uint8)
+        if gt:
+            truth = load_ground_truth(view.table, index.tolist(), view.transform, maps.shape[-2:])
+            stats.append(image_mask_stats(maps, mask, truth).assign(_row=index.numpy()))
+    assert masks is not None
+    h, w = masks.shape[1:]
+    info.update(top_k=resolve_top_k(top_k, h, w), fraction=resolve_top_k(top_k, h, w) / (h * w))
+    if gt:
+        import pandas as pd
+
+        frame = pd.concat(stats).sort_values("_row").drop(columns="_row")
+        table = view.table
+        names = [table.group_name(g) for g in range(table.n_groups)]
+        quality = summarize_mask_stats(frame.reset_index(drop=True), view.g.numpy(), names)
+        atomic_write_text(directory / "mask_quality.csv", quality.to_csv(index=False))
+        info["mask_quality"] = "mask_quality.csv"
+    save_masks(path, masks, key, info)
+    atomic_write_json(directory / "masks.json", info)
+    return masks, info
+
+
+# ------------------------------------------------------------------ objectives
+def _ce(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    if len(y) == 0:
+        return logits.sum() * 0.0  # an empty term: zero, never NaN
+    return F.cross_entropy(logits, y)
+
+
+class MaCObjective(Objective):
+    """``L_CE + alpha L_rmv + beta L_comb`` with interventions built per batch.
+
+    ``masks`` are the training set's uint8 0/1 core masks, indexed by the dataset index
+    the loop passes. The model must be a :class:`Classifier` with a frozen backbone: the
+    backbone runs once on the stacked clean, removed and combined images without
+    gradient; only the head gets one. Partners come from torch's global RNG, which the
+    loop reseeds every epoch (resumable, reproducible).
+    """
+
+    name = "mac"
+
+    def __init__(self, masks: torch.Tensor, alpha: float, beta: float) -> None:
+        self.masks = masks
+        self.alpha = float(alpha)
+        self.beta = float(beta)
+
+    def step(self, model, x, y, g, index):
+        net = getattr(model, "module", model)
+        m = self.masks[index.cpu()].to(device=x.device, dtype=x.dtype)[:, None]
+        b = batch_mean_colour(x)
+        parts = [x]
+        if self.alpha:
+            parts.append(remove(x, m, b))
+        keep = torch.zeros(0, dtype=torch.long, device=x.device)
+        if self.beta:
+            mixed, keep = combine(x, m, draw_partners(y), b)
+            parts.append(mixed)
+        with torch.no_grad():
+            features = net.features(torch.cat(parts))
+        logits_all = net.head(features)
+        n = len(y)
+        logits = logits_all[:n]
+        loss = F.cross_entropy(logits, y)
+        offset = n
+        if self.alpha:
+            loss = loss + self.alpha * _ce(logits_all[offset : offset + n], y)
+            offset += n
+        if self.beta:
+            loss = loss + self.beta * _ce(logits_all[offset:], y[keep])
+        return loss, logits
+
+
+class CachedViewsObjective(Objective):
+    """The same loss on precomputed features of ``N`` intervened views (``views: N``).
+
+    The loop feeds clean cached features; epoch ``e`` uses view ``e mod N`` of the
+    removed and combined features (``comb_valid`` marks samples that had a partner).
+    """
+
+    name = "mac_cached"
+
+    def __init__(self, rmv, comb, comb_valid, alpha: float, beta: float) -> None:
+        self.rmv, self.comb, self.comb_valid = rmv, comb, comb_valid
+        self.alpha, self.beta = float(alpha), float(beta)
+        self.epoch = 0
+
+    def step(self, model, x, y, g, index):
+        v = self.epoch % self.rmv.shape[0]
+        idx = index.cpu()
+        logits = model(x)
+        loss = F.cross_entropy(logits, y)
+        if self.alpha:
+            loss = loss + self.alpha * _ce(model(self.rmv[v, idx].to(x.device)), y)
+        if self.beta:
+            valid = self.comb_valid[v, idx]
+            feats = self.comb[v, idx[valid]].to(x.device)
+            loss = loss + self.beta * _ce(model(feats), y[valid.to(y.device)])
+        return loss, logits
+
+    def on_epoch_end(self, epoch: int) -> None:
+        self.epoch = epoch + 1
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epoch = int(state.get("epoch", 0))
+
+
+@torch.no_grad()
+def intervened_views(
+    model: Classifier,
+    view: GroupDataset,
+    masks: torch.Tensor,
+    n_views: int,
+    batch_size: int,
+    seed: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Features of ``n_views`` removed and combined versions of every training image.
+
+    Each view shuffles the data into batches of ``batch_size`` (as training would) and
+    applies the interventions per batch. Returns ``(rmv, comb, comb_valid)`` of shapes
+    ``(V, N, D)``, ``(V, N, D)``, ``(V, N)``.
+    """
+    device = backbone_device(model)
+    n, dim = len(view), model.feature_dim
+    rmv = torch.zeros(n_views, n, dim)
+    comb = torch.zeros(n_views, n, dim)
+    valid = torch.zeros(n_views, n, dtype=torch.bool)
+    was_training = model.training
+    model.eval()
+    try:
+        for v in range(n_views):
+            generator = torch.Generator().manual_seed(seed * 1_000_003 + v)
+            order = torch.randperm(n, generator=generator).numpy()
+            for x, y, _g, index in _loader(view, batch_size, order):
+                x = x.to(device)
+                m = masks[index].to(device=device, dtype=x.dtype)[:, None]
+                b = batch_mean_colour(x)
+                rmv[v, index] = model.features(remove(x, m, b)).float().cpu()
+                partner = draw_partners(y, generator)
+                mixed, keep = combine(x, m, partner.to(device), b)
+                if len(keep):
+                    rows = index[keep.cpu()]
+                    comb[v, rows] = model.features(mixed).float().cpu()
+                    valid[v, rows] = True
+    finally:
+        model.train(was_training)
+    return rmv, comb, valid
+
+
+# -------------------------------------------------------------------- figures
+def misclassified_positions(model: nn.Module, dataset, limit: int, batch_size: int) -> list[int]:
+    """Positions of the first ``limit`` items of ``dataset`` that ``model`` gets wrong."""
+    from unspur.evaluate.predict import predict
+
+    preds = predict(model, dataset, batch_size)
+    wrong = np.flatnonzero(preds.predicted != preds.y)
+    return [int(i) for i in wrong[:limit]]
+
+
+def _figure_cams(model, dataset, positions, layer) -> tuple[torch.Tensor, torch.Tensor, list]:
+    items = [dataset[i] for i in positions]
+    x = torch.stack([it[0] for it in items])
+    y = torch.tensor([it[1] for it in items])
+    device = backbone_device(model)
+    maps = xgradcam(model, x.to(device), y.to(device), layer).cpu()
+    with torch.no_grad():
+        model.eval()
+        pred = model(x.to(device)).argmax(1).cpu()
+    return x, maps, list(zip(y.tolist(), pred.tolist(), strict=True))
+
+
+def write_figure(
+    path, images, before, after, before_labels, after_pred, class_names, transform
+) -> None:
+    """The before/after saliency grid (reference vs retrained model) as a PNG."""
+    from unspur.explain.figures import saliency_grid, save_png, to_display
+
+    labels = [
+        f"y={class_names[t]} ref={class_names[p]} new={class_names[q]}"
+        for (t, p), q in zip(before_labels, after_pred, strict=True)
+    ]
+    grid = saliency_grid(
+        to_display(images, transform), [before, after], ["image", "reference", "retrained"], labels
+    )
+    save_png(grid, path)
+
+
+# --------------------------------------------------------------------- options
+def _check_options(options: dict[str, Any]) -> None:
+    if options["saliency"] not in ("xgradcam", "ground_truth"):
+        raise ConfigError(
+            f"mac option saliency={options['saliency']!r} is not xgradcam or ground_truth"
+        )
+    if options["mask_size"] not in ("fixed", "adaptive"):
+        raise ConfigError(f"mac option mask_size={options['mask_size']!r} is not fixed|adaptive")
+    if options["balance"] not in ("none", "class"):
+        raise ConfigError(f"mac option balance={options['balance']!r} is not none|class")
+    if options["layer"] is not None and not isinstance(options["layer"], str):
+        raise ConfigError("mac option layer must be a module name (e.g. body.block3) or null")
+    for key in ("views", "figures", "mask_batch_size", "adaptive_samples", "step_size"):
+        value = options[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ConfigError(f"mac option {key} must be a non-negative integer, got {value!r}")
+    for key in ("mask_batch_size", "adaptive_samples", "step_size"):
+        if options[key] < 1:
+            raise ConfigError(f"mac option {key} must be at least 1")
+    grids = {k: options[k] for k in ("alpha_grid", "beta_grid", "adaptive_grid")}
+    for key, values in grids.items():
+        try:
+            numbers = [float(v) for v in values]
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"mac option {key} must be a list of numbers") from err
+        if not numbers or any(v < 0 for v in numbers):
+            raise ConfigError(f"mac option {key} must be a non-empty list of numbers >= 0")
+    if len(options["adaptive_grid"]) < 3 or not all(
+        0 < float(q) <= 1 for q in options["adaptive_grid"]
+    ):
+        raise ConfigError("mac option adaptive_grid needs >= 3 fractions in (0, 1]")
+    for key in ("alpha", "beta"):
+        value = options[key]
+        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+            raise ConfigError(f"mac option {key} must be a number >= 0, got {value!r}")
+    if not isinstance(options["search"], bool):
+        raise ConfigError("mac option search must be true or false")
+    if options["optimizer"] not in ("sgd", "adam", "adamw"):
+        raise ConfigError(f"mac option optimizer={options['optimizer']!r} is not sgd|adam|adamw")
+    for key in ("epochs", "batch_size"):
+        value = options[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"mac option {key} must be a positive integer, got {value!r}")
+
+
+def mac_train_config(base: TrainConfig, options: dict[str, Any]) -> TrainConfig:
+    """The run's train config with MaC's head settings (paper: Adam 5e-3, StepLR 5/0.5)."""
+    return replace(
+        base,
+        epochs=int(options["epochs"]),
+        batch_size=int(options["batch_size"]),
+        optimizer=options["optimizer"],
+        lr=float(options["lr"]),
+        weight_decay=float(options["weight_decay"]),
+        scheduler="step",
+        step_size=int(options["step_size"]),
+        gamma=float(options["gamma"]),
+        augment=False,
+    )
+
+
+# ---------------------------------------------------------------------- method
+@register_method
+class MaC(Method):
+    """MaC (Mask and Combine): last-layer retraining on xGradCAM-masked interventions.
+
+    See the module docstring for every stage, default and choice.
+    """
+
+    name = "mac"
+    supervision = Supervision(train_group_labels=False, val_group_labels=True)
+    summary = "mask and combine: last layer retrained with remove/combine interventions"
+    defaults: dict[str, Any] = {
+        "saliency": "xgradcam",
+        "layer": None,
+        "top_k": None,
+        "mask_size": "fixed",
+        "adaptive_grid": list(ADAPTIVE_GRID),
+        "adaptive_samples": 512,
+        "alpha": 1.0,
+        "beta": 1.0,
+        "search": False,
+        "alpha_grid": list(PAPER_ALPHA_GRID),
+        "beta_grid": list(PAPER_BETA_GRID),
+        "views": 0,
+        "balance": "none",
+        "epochs": 20,
+        "optimizer": "adam",
+        "lr": 5e-3,
+        "weight_decay": 0.0,
+        "batch_size": 32,
+        "step_size": 5,
+        "gamma": 0.5,
+        "figures": 16,
+        "mask_batch_size": 64,
+    }
+    debug_options = {"epochs": 1, "figures": 4}
+
+    def run(self, context: RunContext) -> tuple[nn.Module, FitResult]:
+        options = context.options
+        _check_options(options)
+        if options["search"] and context.val is None:
+            raise ConfigError("mac search: true selects alpha/beta on validation; add a val split")
+        if options["saliency"] == "xgradcam":
+            # Fail before ERM is trained when the architecture has no conv layer.
+            require_cam_model(context.build_model(), options["layer"])
+        model = context.reference_model()
+        if not isinstance(model, Classifier):
+            raise ConfigError("MaC needs an unspur Classifier (backbone + linear head)")
+        directory = context.out_dir / "mac"
+        directory.mkdir(parents=True, exist_ok=True)
+        masks, info = compute_masks(context, model, options, directory)
+
+        figure = self._figure_before(context, model, options)
+
+        view = with_transform(context.train, context.eval_transform)
+        config = mac_train_config(context.config.train, options)
+        weights = None
+        if options["balance"] == "class":
+            weights = class_balanced_weights(view.y, view.n_classes)
+        if options["search"]:
+            pairs = [
+                (float(a), float(b)) for a in options["alpha_grid"] for b in options["beta_grid"]
+            ]
+        else:
+            pairs = [(float(options["alpha"]), float(options["beta"]))]
+        cached = self._cached_views(context, model, view, masks, options)
+        metric = (
+            "accuracy" if context.config.train.selection == "average" else "worst_group_accuracy"
+        )
+
+        model.freeze_backbone()
+        candidates, best = [], None
+        for alpha, beta in pairs:
+            stage = f"mac/head_a{alpha:g}_b{beta:g}" if options["search"] else "mac/head"
+            seed_everything(context.config.seed)  # every candidate starts from the same head
+            model.reset_head()
+            if cached is None:
+                objective = MaCObjective(masks, alpha, beta)
+                result = context.fit(
+                    model,
+                    stage,
+                    train=view,
+                    train_config=config,
+                    objective=objective,
+                    sample_weights=weights,
+                    parameters=model.head.parameters(),
+                )
+            else:
+                train_feats, val_feats, rmv, comb, valid = cached
+                objective = CachedViewsObjective(rmv, comb, valid, alpha, beta)
+                result = train_head(
+                    context,
+                    model,
+                    stage,
+                    train_feats,
+                    val_feats,
+                    config,
+                    sample_weights=weights,
+                    objective=objective,
+                    reset=False,
+                )
+            score = (result.best_val or {}).get(metric, -math.inf)
+            candidates.append(
+                {"alpha": alpha, "beta": beta, "score": score, "best_epoch": result.best_epoch}
+            )
+            if best is None or score > best[0]:
+                best = (score, alpha, beta, result, copy.deepcopy(model.head.state_dict()))
+        assert best is not None
+        score, alpha, beta, result, head_state = best
+        model.head.load_state_dict(head_state)
+        model.eval()
+        summary = {
+            "alpha": alpha,
+            "beta": beta,
+            "search": options["search"],
+            "metric": metric,
+            "candidates": candidates,
+            "views": options["views"],
+            "masks": info,
+        }
+        atomic_write_json(directory / ("search.json" if options["search"] else "mac.json"), summary)
+        if figure is not None:
+            self._figure_after(context, model, options, figure, directory)
+        history = [*result.history, {"mac": {"alpha": alpha, "beta": beta}}]
+        return model, replace(result, history=history)
+
+    # -- stages
+    def _cached_views(self, context, model, view, masks, options):
+        if options["views"] == 0:
+            return None
+        train_feats = cached_features(context, model, context.train)
+        val_feats = cached_features(context, model, context.val)
+        rmv, comb, valid = intervened_views(
+            model, view, masks, options["views"], int(options["batch_size"]), context.config.seed
+        )
+        return train_feats, val_feats, rmv, comb, valid
+
+    def _figure_before(self, context, model, options):
+        if not options["figures"] or context.val is None or not model.cam_layer_name:
+            return None
+        val = with_transform(context.val, context.eval_transform)
+        positions = misclassified_positions(
+            model, val, options["figures"], context.config.train.eval_batch_size
+        )
+        if not positions:
+            return None
+        x, maps, labels = _figure_cams(model, val, positions, options["layer"])
+        return val, positions, x, maps, labels
+
+    def _figure_after(self, context, model, options, figure, directory) -> None:
+        val, positions, x, before, labels = figure
+        _, after, after_labels = _figure_cams(model, val, positions, options["layer"])
+        write_figure(
+            directory / "figures" / "misclassified.png",
+            x,
+            before,
+            after,
+            labels,
+            [p for _, p in after_labels],
+            val.table.class_names,
+            context.eval_transform,
+        )
