@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from unspur.methods import get_method
+
 sys.path.insert(0, str(Path(__file__).parent))
 from common import COLORED_MNIST, SYNTHETIC, data_overrides, row, run_setting, write_results  # noqa: E402
 
@@ -53,7 +55,6 @@ METHODS = [
     "llr_all",
     "llr_b",
 ]
-USES_REFERENCE = {"dfr_val", "dfr_train", "llr_all", "llr_b"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,14 +87,14 @@ def main(argv: list[str] | None = None) -> int:
                     else:
                         pinned = (
                             [f"method.reference={erm_dir}/model"]
-                            if method in USES_REFERENCE
+                            if get_method(method).uses_reference
                             else []
                         )
                         results = run_setting(
                             overrides + extra + [f"method.name={method}"] + pinned, seed
                         )
                         head = {k: v for k, v in results["stage_seconds"].items() if k != "erm"}
-                        if method in USES_REFERENCE and head and erm_epoch:
+                        if get_method(method).uses_reference and head and erm_epoch:
                             cost_ratios.append((name, method, min(head.values()) / erm_epoch))
                     rows.append(row(name, seed, results))
                     print(rows[-1], flush=True)

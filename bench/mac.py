@@ -22,6 +22,8 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from unspur.methods import get_method
+
 sys.path.insert(0, str(Path(__file__).parent))
 from common import (  # noqa: E402
     COLORED_MNIST,
@@ -42,7 +44,6 @@ SETTINGS: dict[str, tuple[list[str], str | None]] = {
     ),
 }
 METHODS = ["erm", "dfr_val", "masktune", "mac"]
-USES_REFERENCE = {"dfr_val", "masktune", "mac"}
 
 
 def quality_notes(tables: list[pd.DataFrame]) -> list[str]:
@@ -96,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
                     else:
                         pinned = (
                             [f"method.reference={erm_dir}/model"]
-                            if method in USES_REFERENCE
+                            if get_method(method).uses_reference
                             else []
                         )
                         with tempfile.TemporaryDirectory() as run_dir:

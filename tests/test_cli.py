@@ -94,3 +94,84 @@ def test_user_errors_exit_2_with_message(tmp_path, capsys):
 def test_methods_lists_erm(capsys):
     assert main(["methods"]) == 0
     assert "erm" in capsys.readouterr().out
+
+
+DEBUG = [
+    "data.options.n_train=160",
+    "data.options.n_val=64",
+    "data.options.n_test=64",
+    "data.options.size=16",
+    "data.options.bias=0.9",
+    "data.image_size=16",
+    "model.options.widths=[8,8]",
+    "train.epochs=2",
+    "train.batch_size=32",
+    "train.progress=false",
+    "train.augment=false",
+]
+
+
+def sets(values):
+    return [arg for value in values for arg in ("--set", value)]
+
+
+def test_run_interrupted_mid_stage_resumes_to_the_same_results(tmp_path, monkeypatch, capsys):
+    """Ctrl-C in the middle of a stage; the same command again ends as if never stopped."""
+    from unspur.train.objectives import Objective
+
+    config = str(REPO / "configs/synthetic_erm.yaml")
+    argv = ["run", config, *sets(DEBUG)]
+    assert main([*argv, "--out", str(tmp_path / "once")]) == 0
+
+    original = Objective.__call__
+    calls = {"n": 0}
+
+    def interrupt_at_seventh_batch(self, logits, y, g, index):
+        calls["n"] += 1
+        if calls["n"] > 7:  # 5 batches per epoch: in the middle of epoch 2
+            raise KeyboardInterrupt
+        return original(self, logits, y, g, index)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Objective, "__call__", interrupt_at_seventh_batch)
+        assert main([*argv, "--out", str(tmp_path / "twice")]) == 130
+    assert "run the same command again to resume" in capsys.readouterr().err
+    history = json.loads((tmp_path / "twice" / "erm" / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [1]
+    assert not (tmp_path / "twice" / "results.json").exists()
+
+    assert main([*argv, "--out", str(tmp_path / "twice")]) == 0
+    assert "resuming after epoch 1" in capsys.readouterr().out
+    once = json.loads((tmp_path / "once" / "results.json").read_text())
+    twice = json.loads((tmp_path / "twice" / "results.json").read_text())
+    assert twice["metrics"] == once["metrics"]
+    assert twice["fingerprint"] == once["fingerprint"]
+    assert (tmp_path / "twice" / "report.html").is_file()
+
+
+def test_rerun_with_a_changed_config_fails_clearly(tmp_path, capsys):
+    run_dir = str(tmp_path / "run")
+    argv = ["run", "--config", str(REPO / "configs/synthetic_erm.yaml"), *sets(DEBUG)]
+    assert main([*argv, "--out", run_dir]) == 0
+    assert (tmp_path / "run" / "run.json").is_file()
+    capsys.readouterr()
+    # Same config (progress is cosmetic): nothing retrained.
+    assert main([*argv, "--set", "train.progress=true", "--out", run_dir]) == 0
+    assert "finished earlier with this config" in capsys.readouterr().out
+    assert main([*argv, "--set", "train.lr=0.5", "--out", run_dir]) == 2
+    err = capsys.readouterr().err
+    assert "stage 'erm'" in err and "train.lr: 0.05 -> 0.5" in err
+    assert "new --out directory" in err and "Traceback" not in err
+    assert main(["run", "--set", "train.lr_rate=0.1", "--out", run_dir]) == 2
+    assert "unknown config key 'train.lr_rate'" in capsys.readouterr().err
+
+
+def test_demo_compares_and_reports(tmp_path, capsys):
+    out = tmp_path / "demo"
+    argv = ["demo", "--out", str(out), "--methods", "erm,resample_group", "--seeds", "0"]
+    assert main([*argv, *sets(DEBUG + ["train.epochs=1"])]) == 0
+    printed = capsys.readouterr().out
+    assert "| erm | ✓ |" in printed and "| resample_group | ✓✓ |" in printed
+    assert f"report: {out / 'report.html'}" in printed
+    assert "ERM's worst-group accuracy" in printed
+    assert (out / "erm" / "seed0" / "report.html").is_file()

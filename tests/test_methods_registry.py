@@ -66,3 +66,8 @@ def test_group_method_on_inferred_groups(tmp_path):
     assert 0.0 <= report["against_true_groups"]["precision"] <= 1.0
     assert (tmp_path / "group_inference.json").is_file()
     assert (tmp_path / "erm" / "best" / "model.json").is_file()  # the reference model
+
+
+def test_reference_methods_declare_it():
+    declared = {name for name, m in available_methods().items() if m.uses_reference}
+    assert declared == {"dfr_val", "dfr_train", "llr_all", "llr_b", "mac", "masktune"}

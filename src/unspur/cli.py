@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 
 from unspur.errors import UnspurError
 
+#: The demo's data, model and training: the synthetic benchmark at 99% bias on a small CNN.
 DEMO_SETTINGS = [
     "data.name=synthetic",
     "data.options.bias=0.99",
@@ -24,6 +26,9 @@ DEMO_SETTINGS = [
     "train.batch_size=64",
     "train.augment=false",
 ]
+#: Methods the demo compares; each fits the CPU budget (DFR reuses ERM's model).
+DEMO_METHODS = "erm,groupdro,resample_group,jtt,dfr_val"
+DEMO_SEEDS = "0,1"
 
 
 def _print_results(results: dict) -> None:
@@ -89,14 +94,85 @@ def cmd_data_inspect(args: argparse.Namespace) -> None:
         print(f"{key}: {value}")
 
 
-def cmd_train(args: argparse.Namespace) -> None:
-    from unspur.config import load_config
-    from unspur.pipeline import run
+def _config_path(args: argparse.Namespace) -> str | None:
+    positional = getattr(args, "config_file", None)
+    if positional and args.config and positional != args.config:
+        raise UnspurError("give the config once: either CONFIG or --config")
+    return positional or args.config
 
-    config = load_config(args.config, args.set)
-    results = run(config, args.out)
+
+def cmd_run(args: argparse.Namespace) -> None:
+    from unspur.config import load_config
+    from unspur.pipeline import is_finished, run
+
+    config = load_config(_config_path(args), args.set)
+    out = Path(args.out)
+    if is_finished(config, out) and not args.force:
+        print(f"{out}: finished earlier with this config; nothing to train (--force re-evaluates)")
+    results = run(config, out, force=args.force)
     _print_results(results)
-    print(f"results: {Path(args.out) / 'results.json'}")
+    print(f"results: {out / 'results.json'}")
+    if args.report:
+        from unspur.report import write_run_report
+
+        print(f"report: {write_run_report(out, results)}")
+
+
+def _compare_base(args: argparse.Namespace) -> tuple[dict, list[str]]:
+    from unspur.compare import read_base
+
+    if args.config and args.dataset:
+        raise UnspurError("give either --config or --dataset, not both")
+    if not args.config and not args.dataset:
+        raise UnspurError("compare needs a base: --config BASE.yaml or --dataset NAME")
+    base = read_base(args.config)
+    extra = []
+    if args.dataset:
+        extra.append(f"data.name={args.dataset}")
+    if args.root:
+        extra.append(f"data.root={args.root}")
+    return base, extra
+
+
+def _print_comparison(summary: dict) -> None:
+    print()
+    print(summary["markdown"])
+    print()
+    print(
+        "test split, percentages; supervision: x no group labels, ✓ validation group "
+        "labels, ✓✓ training group labels"
+    )
+    out = Path(summary["report"]).parent
+    print(f"table: {out / 'comparison.md'}  {out / 'comparison.csv'}")
+    print(f"report: {summary['report']}")
+
+
+def cmd_compare(args: argparse.Namespace) -> None:
+    from unspur.compare import compare, parse_list, parse_seeds
+
+    base, extra = _compare_base(args)
+    summary = compare(
+        base,
+        parse_list(args.methods, "--methods"),
+        parse_seeds(args.seeds),
+        args.out,
+        extra + args.set,
+        command=shlex.join(["unspur", *args.argv]),
+    )
+    _print_comparison(summary)
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from unspur.report import write_compare_report, write_run_report
+
+    path = Path(args.dir)
+    if (path / "results.json").is_file():
+        print(f"report: {write_run_report(path)}")
+    elif (path / "comparison.json").is_file():
+        summary = json.loads((path / "comparison.json").read_text())
+        print(f"report: {write_compare_report(path, summary)}")
+    else:
+        raise UnspurError(f"{path} holds neither results.json (a run) nor comparison.json")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
@@ -129,24 +205,24 @@ def cmd_methods(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from unspur.config import load_config
-    from unspur.pipeline import run
+    from unspur.compare import compare, parse_list, parse_seeds
 
-    overrides = DEMO_SETTINGS + [f"seed={args.seed}"] + args.set
-    config = load_config(None, overrides)
-    print("unspur demo: ERM on the synthetic benchmark (shape = class, background = bias,")
-    print("99% of training images show each shape on its usual background), on CPU.")
-    results = run(config, args.out)
-    _print_results(results)
-    test = results["metrics"]["test"]
-    gap = 100 * (test["average_accuracy"] - test["worst_group_accuracy"])
-    print(
-        f"ERM learned the shortcut: worst-group accuracy is {gap:.1f} points below average "
-        "accuracy."
-        if gap > 10
-        else f"worst-group gap: {gap:.1f} points."
-    )
-    print(f"results: {Path(args.out) / 'results.json'}")
+    methods = parse_list(args.methods, "--methods")
+    seeds = parse_seeds(args.seeds)
+    print("unspur demo: methods against ERM on the synthetic benchmark (shape = class,")
+    print("background = bias; 99% of training images show each shape on its usual")
+    print(f"background), on CPU: {', '.join(methods)}; seeds {', '.join(map(str, seeds))}.")
+    overrides = DEMO_SETTINGS + ["train.progress=false"] + args.set
+    summary = compare({}, methods, seeds, args.out, overrides, command="unspur demo")
+    _print_comparison(summary)
+    erm = summary["aggregate"].get("erm")
+    if erm:
+        best = max(summary["aggregate"].items(), key=lambda m: m[1]["worst_group_accuracy"]["mean"])
+        print(
+            f"ERM's worst-group accuracy: {100 * erm['worst_group_accuracy']['mean']:.1f}% "
+            f"(average {100 * erm['average_accuracy']['mean']:.1f}%): the shortcut. Best "
+            f"worst-group accuracy: {best[0]}, {100 * best[1]['worst_group_accuracy']['mean']:.1f}%."
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -184,20 +260,56 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--seed", type=int, default=0)
     inspect.set_defaults(func=cmd_data_inspect)
 
-    train = commands.add_parser("train", help="train a method from a config")
-    train.add_argument("--config", default=None, help="YAML config (defaults when omitted)")
-    train.add_argument(
+    def add_set(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument(
+            "--set",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="override a config value, repeatable, e.g. --set train.lr=0.001",
+        )
+
+    for name, report, text in (
+        ("run", True, "the whole pipeline of one method: stages, evaluation, HTML report"),
+        ("train", False, "like `run`, without the HTML report"),
+    ):
+        sub = commands.add_parser(name, help=text, description=text)
+        sub.add_argument("config_file", nargs="?", metavar="CONFIG", help="YAML config")
+        sub.add_argument("--config", default=None, help="YAML config (defaults when omitted)")
+        add_set(sub)
+        sub.add_argument("--out", required=True, help="run directory")
+        sub.add_argument(
+            "--force",
+            action="store_true",
+            help="evaluate again even when the run finished (finished stages are reused)",
+        )
+        sub.set_defaults(func=cmd_run, report=report)
+
+    compare = commands.add_parser(
+        "compare",
+        help="several methods x seeds on one dataset: table (mean ± std) and HTML report",
+    )
+    compare.add_argument("--config", default=None, help="base YAML config")
+    compare.add_argument("--dataset", default=None, help="dataset name (instead of --config)")
+    compare.add_argument("--root", default=None, help="dataset root (with --dataset)")
+    compare.add_argument("--methods", required=True, help="comma-separated, e.g. erm,jtt,dfr_val")
+    compare.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
+    compare.add_argument(
         "--set",
         action="append",
         default=[],
-        metavar="KEY=VALUE",
-        help="override a config value, e.g. --set train.lr=0.001",
+        metavar="[METHOD:]KEY=VALUE",
+        help="override for every method, or for one with METHOD:key=value",
     )
-    train.add_argument("--out", required=True, help="run directory")
-    train.set_defaults(func=cmd_train)
+    compare.add_argument("--out", required=True, help="comparison directory")
+    compare.set_defaults(func=cmd_compare)
+
+    report = commands.add_parser("report", help="(re)write the HTML report of a run or comparison")
+    report.add_argument("dir", help="a run directory or a comparison directory")
+    report.set_defaults(func=cmd_report)
 
     evaluate = commands.add_parser("evaluate", help="evaluate a trained model per group")
-    evaluate.add_argument("--run", required=True, help="run directory from `unspur train`")
+    evaluate.add_argument("--run", required=True, help="run directory from `unspur run`")
     evaluate.add_argument("--model", default=None, help="model directory (default RUN/model)")
     evaluate.add_argument("--config", default=None, help="config (default RUN/config.yaml)")
     evaluate.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
@@ -207,16 +319,21 @@ def build_parser() -> argparse.ArgumentParser:
     methods = commands.add_parser("methods", help="list methods and their supervision")
     methods.set_defaults(func=cmd_methods)
 
-    demo = commands.add_parser("demo", help="ERM on the synthetic benchmark, on CPU")
-    demo.add_argument("--out", default="runs/demo", help="run directory (default runs/demo)")
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    demo = commands.add_parser(
+        "demo", help="compare ERM and robust methods on the synthetic benchmark, on CPU"
+    )
+    demo.add_argument("--out", default="runs/demo", help="directory (default runs/demo)")
+    demo.add_argument("--methods", default=DEMO_METHODS, help=f"default {DEMO_METHODS}")
+    demo.add_argument("--seeds", "--seed", default=DEMO_SEEDS, help=f"default {DEMO_SEEDS}")
+    demo.add_argument("--set", action="append", default=[], metavar="[METHOD:]KEY=VALUE")
     demo.set_defaults(func=cmd_demo)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     try:
         args.func(args)
     except UnspurError as exc:

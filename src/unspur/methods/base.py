@@ -120,6 +120,9 @@ class Method:
     summary: ClassVar[str] = ""
     # Option overrides that make a tiny debug run fast (used by the registry-wide test).
     debug_options: ClassVar[dict[str, Any]] = {}
+    # True when the method starts from the reference ERM model (``reference_model()``),
+    # so a comparison can hand it the ERM run's model instead of training ERM again.
+    uses_reference: ClassVar[bool] = False
 
     def run(self, context: RunContext) -> tuple[nn.Module, FitResult]:
         raise NotImplementedError

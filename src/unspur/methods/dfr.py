@@ -429,6 +429,7 @@ class DFRVal(Method):
     supervision = Supervision(
         train_group_labels=False, val_group_labels=True, val_labels_only_for_selection=False
     )
+    uses_reference = True
     summary = "deep feature reweighting: L1 logistic head on group-balanced validation"
     defaults = {"c_options": list(C_OPTIONS), "tune_retrains": 1, "num_retrains": 20}
     debug_options = {"num_retrains": 2}
@@ -470,6 +471,7 @@ class DFRTrain(Method):
 
     name = "dfr_train"
     supervision = Supervision(train_group_labels=True, val_group_labels=True)
+    uses_reference = True
     summary = "deep feature reweighting on group-balanced training data (DFR^Tr_Tr)"
     defaults = {"c_options": list(C_OPTIONS), "num_retrains": 10, "tune_max_iter": 20}
     debug_options = {"num_retrains": 2}

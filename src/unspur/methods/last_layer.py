@@ -210,6 +210,7 @@ class LLRAll(Method):
 
     name = "llr_all"
     supervision = Supervision(train_group_labels=False, val_group_labels=True)
+    uses_reference = True
     summary = "last-layer retraining on all training data, class-balanced sampling"
     defaults = dict(HEAD_DEFAULTS)
     debug_options = dict(HEAD_DEBUG)
@@ -229,6 +230,7 @@ class LLRBalanced(Method):
 
     name = "llr_b"
     supervision = Supervision(train_group_labels=True, val_group_labels=True)
+    uses_reference = True
     summary = "last-layer retraining on group-balanced training data"
     defaults = {**HEAD_DEFAULTS, "balance": "subsample"}
     debug_options = dict(HEAD_DEBUG)

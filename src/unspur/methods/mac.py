@@ -502,6 +502,7 @@ class MaC(Method):
 
     name = "mac"
     supervision = Supervision(train_group_labels=False, val_group_labels=True)
+    uses_reference = True
     summary = "mask and combine: last layer retrained with remove/combine interventions"
     defaults: dict[str, Any] = {
         "saliency": "xgradcam",

@@ -103,6 +103,7 @@ class MaskTune(Method):
 
     name = "masktune"
     supervision = Supervision(train_group_labels=False, val_group_labels=True)
+    uses_reference = True
     summary = "mask the ERM model's most salient pixels, fine-tune one epoch on them"
     defaults: dict[str, Any] = {
         "epochs": 1,

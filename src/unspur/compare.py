@@ -1,0 +1,296 @@
+"""Compare methods over seeds on one dataset, like the papers' tables.
+
+Every (method, seed) runs in ``OUT/<method>/seed<k>/`` through :func:`unspur.pipeline.run`
+(resumable; a finished run of the same config is skipped). Methods that start from an
+ERM reference model (DFR, last-layer retraining, or any method with
+``method.group_inference``) reuse the ERM run of the same seed, ``OUT/erm/seed<k>/model``,
+passed as ``method.reference``; ERM is added to the comparison when such a method asks
+for it and it was not listed.
+
+Outputs in ``OUT``: ``comparison.md`` and ``comparison.csv`` (worst-group, average and
+balanced test accuracy, mean ± std over seeds, with the supervision column: x / ✓ / ✓✓),
+``runs.csv`` (one row per run), ``comparison.json`` and ``report.html``.
+
+Overrides: ``--set key=value`` applies to every method; ``--set METHOD:key=value`` to one
+method only (``--set jtt:method.options.lambda_up=20``). The base config's
+``method.options`` apply only to the method that config names.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import io
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from unspur.config import RunConfig, apply_overrides, config_from_dict
+from unspur.errors import ConfigError
+from unspur.evaluate.metrics import DEFINITIONS
+from unspur.io import atomic_write_json, atomic_write_text
+
+TABLE_METRICS = ("worst_group_accuracy", "average_accuracy", "balanced_accuracy")
+COLUMN = {
+    "worst_group_accuracy": "worst-group acc. (%)",
+    "average_accuracy": "average acc. (%)",
+    "balanced_accuracy": "balanced acc. (%)",
+}
+
+
+def parse_list(text: str, what: str) -> list[str]:
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        raise ConfigError(f"{what} is empty; give a comma-separated list")
+    return items
+
+
+def parse_seeds(text: str) -> list[int]:
+    seeds = []
+    for item in parse_list(text, "--seeds"):
+        try:
+            seeds.append(int(item))
+        except ValueError:
+            raise ConfigError(f"--seeds expects integers like 0,1,2; got {item!r}") from None
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"--seeds lists a seed twice: {text!r}")
+    return seeds
+
+
+def split_overrides(overrides: list[str], methods: list[str]) -> tuple[list[str], dict]:
+    """``key=value`` for every method; ``METHOD:key=value`` for one."""
+    common: list[str] = []
+    per_method: dict[str, list[str]] = {}
+    for text in overrides:
+        head, sep, rest = text.partition(":")
+        if sep and "=" not in head and "." not in head:
+            if head not in methods:
+                raise ConfigError(
+                    f"--set {text!r} names method {head!r}, which is not compared "
+                    f"({', '.join(methods)})"
+                )
+            per_method.setdefault(head, []).append(rest)
+        else:
+            common.append(text)
+    return common, per_method
+
+
+def uses_reference(config: RunConfig) -> bool:
+    from unspur.methods.base import get_method
+
+    method = get_method(config.method.name)
+    return method.uses_reference or config.method.group_inference is not None
+
+
+def read_base(path: str | Path | None) -> dict[str, Any]:
+    if path is None:
+        return {}
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    return loaded or {}
+
+
+def plan(
+    base: dict[str, Any],
+    methods: list[str],
+    seeds: list[int],
+    overrides: list[str],
+    out_dir: Path,
+) -> list[tuple[str, int, RunConfig, Path]]:
+    """Every (method, seed, config, run dir), ERM first; all configs validated up front."""
+    from unspur.methods.base import get_method
+
+    for name in methods:
+        get_method(name)
+    common, per_method = split_overrides(overrides, methods)
+    values = apply_overrides(copy.deepcopy(base), common)
+    base_method = (values.get("method") or {}).get("name", "erm")
+
+    def config_for(name: str, seed: int, reference: Path | None) -> RunConfig:
+        v = copy.deepcopy(values)
+        section = v.setdefault("method", {}) or {}
+        v["method"] = section
+        if name != base_method:
+            section["options"] = {}
+        section["name"] = name
+        v["seed"] = seed
+        v = apply_overrides(v, per_method.get(name, []))
+        if reference is not None and not v["method"].get("reference"):
+            v["method"]["reference"] = str(reference)
+        try:
+            config = config_from_dict(v)
+        except ConfigError as exc:
+            raise ConfigError(f"{name}: {exc}") from exc
+        get_method(name).resolve_options(config.method.options)
+        return config
+
+    order = list(methods)
+    needs_erm = [m for m in methods if m != "erm" and uses_reference(config_for(m, seeds[0], None))]
+    if needs_erm and "erm" not in order:
+        order.insert(0, "erm")
+    elif "erm" in order:
+        order.remove("erm")
+        order.insert(0, "erm")
+    runs = []
+    for name in order:
+        for seed in seeds:
+            reference = out_dir / "erm" / f"seed{seed}" / "model" if name in needs_erm else None
+            run_dir = out_dir / name / f"seed{seed}"
+            runs.append((name, seed, config_for(name, seed, reference), run_dir))
+    return runs
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    array = np.asarray(values, dtype=np.float64)
+    return float(array.mean()), float(array.std())  # population std, as bench/common
+
+
+def _cell(mean: float, std: float, n: int) -> str:
+    return f"{100 * mean:.1f} ± {100 * std:.1f}" if n > 1 else f"{100 * mean:.1f}"
+
+
+def summarise(runs: list[dict[str, Any]], methods: list[str], seeds: list[int]) -> dict[str, Any]:
+    """The comparison table (mean ± std over seeds) and per-group means, per method."""
+    table, aggregate, groups = [], {}, {}
+    for name in methods:
+        members = [r for r in runs if r["method"] == name]
+        if not members:
+            continue
+        row: dict[str, Any] = {
+            "method": name,
+            "supervision": members[0]["supervision"],
+        }
+        aggregate[name] = {}
+        for key in TABLE_METRICS:
+            mean, std = _mean_std([m["results"]["metrics"]["test"][key] for m in members])
+            aggregate[name][key] = {"mean": mean, "std": std}
+            row[COLUMN[key]] = _cell(mean, std, len(members))
+        row["seeds"] = len(members)
+        table.append(row)
+        per_group = [m["results"]["metrics"]["test"]["groups"] for m in members]
+        means = []
+        for g in range(len(per_group[0])):
+            values = [p[g]["accuracy"] for p in per_group if p[g]["accuracy"] is not None]
+            means.append(float(np.mean(values)) if values else None)
+        groups[name] = means
+    first = runs[0]["results"]
+    return {
+        "dataset": first.get("dataset"),
+        "seeds": seeds,
+        "table": table,
+        "aggregate": aggregate,
+        "groups": groups,
+        "group_names": [g["name"] for g in first["metrics"]["test"]["groups"]],
+        "group_counts": first.get("data", {}).get("group_counts", []),
+        "definitions": DEFINITIONS,
+        "runs": [
+            {
+                "method": r["method"],
+                "seed": r["seed"],
+                "supervision": r["supervision"],
+                "run_dir": str(r["run_dir"]),
+                **{
+                    k: 100 * r["results"]["metrics"]["test"][k]
+                    for k in (*TABLE_METRICS, "accuracy")
+                },
+                "selection": r["results"]["selection"]["rule"],
+                "wall_seconds": round(float(r["results"].get("wall_seconds") or 0.0), 1),
+            }
+            for r in runs
+        ],
+    }
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return "(no runs)"
+    lines = ["| " + " | ".join(rows[0]) + " |", "|" + "|".join("---" for _ in rows[0]) + "|"]
+    lines += ["| " + " | ".join(str(v) for v in r.values()) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _csv(rows: list[dict[str, Any]]) -> str:
+    buffer = io.StringIO()
+    if rows:
+        writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def compare(
+    base: dict[str, Any],
+    methods: list[str],
+    seeds: list[int],
+    out_dir: str | Path,
+    overrides: list[str] | None = None,
+    *,
+    command: str = "",
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Run every (method, seed) (skipping finished runs), then write the tables and report.
+
+    ``base`` is a config mapping (a YAML file's content, or ``{}`` for the defaults).
+    Returns the summary written to ``comparison.json``.
+    """
+    from unspur.pipeline import is_finished, run
+    from unspur.report.html import write_compare_report, write_run_report
+
+    out_dir = Path(out_dir)
+    runs = plan(base, methods, seeds, overrides or [], out_dir)
+    order = list(dict.fromkeys(name for name, *_ in runs))
+    done = []
+    for i, (name, seed, config, run_dir) in enumerate(runs, 1):
+        if is_finished(config, run_dir):
+            log(f"[{i}/{len(runs)}] {name} seed {seed}: finished earlier, skipped ({run_dir})")
+            results = json.loads((run_dir / "results.json").read_text())
+        else:
+            log(f"[{i}/{len(runs)}] {name} seed {seed}: running in {run_dir}")
+            results = run(config, run_dir)
+            write_run_report(run_dir, results)
+        done.append(
+            {
+                "method": name,
+                "seed": seed,
+                "supervision": results["supervision"]["symbol"],
+                "run_dir": run_dir,
+                "results": results,
+            }
+        )
+        if "test" not in results["metrics"]:
+            raise ConfigError(f"{name} seed {seed}: the data has no test split to compare on")
+    summary = summarise(done, order, seeds)
+    summary["command"] = command
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table_md = markdown_table(summary["table"])
+    header = [
+        "# unspur comparison",
+        "",
+        f"Dataset: {summary['dataset']}; seeds: {', '.join(map(str, seeds))}; test split, "
+        "percentages, mean ± std over seeds (population std).",
+        "Supervision: x no group labels, ✓ validation group labels, ✓✓ training group labels.",
+        "",
+    ]
+    if command:
+        header += [f"Command: `{command}`", ""]
+    definitions = ["", "Definitions:", ""] + [f"- `{k}`: {v}" for k, v in DEFINITIONS.items()]
+    atomic_write_text(
+        out_dir / "comparison.md", "\n".join(header + [table_md] + definitions) + "\n"
+    )
+    atomic_write_text(out_dir / "comparison.csv", _csv(summary["table"]))
+    atomic_write_text(out_dir / "runs.csv", _csv(summary["runs"]))
+    atomic_write_json(out_dir / "comparison.json", summary)
+    summary["markdown"] = table_md
+    summary["report"] = str(write_compare_report(out_dir, summary))
+    return summary

@@ -1,0 +1,99 @@
+"""`unspur compare`: methods x seeds, mean ± std table, supervision column, resumable."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from unspur.cli import main
+from unspur.compare import plan, split_overrides
+from unspur.errors import ConfigError
+
+DEBUG = [
+    "data.options.n_train=160",
+    "data.options.n_val=64",
+    "data.options.n_test=64",
+    "data.options.size=16",
+    "data.options.bias=0.9",
+    "data.image_size=16",
+    "model.arch=small_cnn",
+    "model.options.widths=[8,8]",
+    "train.epochs=1",
+    "train.batch_size=32",
+    "train.progress=false",
+    "train.augment=false",
+]
+
+
+def sets(values: list[str]) -> list[str]:
+    return [arg for value in values for arg in ("--set", value)]
+
+
+def test_compare_two_methods_two_seeds_then_skips(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    argv = [
+        "compare",
+        "--dataset",
+        "synthetic",
+        "--methods",
+        "erm,groupdro",
+        "--seeds",
+        "0,1",
+        *sets(DEBUG),
+        "--out",
+        str(out),
+    ]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    markdown = (out / "comparison.md").read_text()
+    assert "| method | supervision | worst-group acc. (%)" in markdown
+    assert "| erm | ✓ |" in markdown and "| groupdro | ✓✓ |" in markdown
+    assert "±" in markdown and "report:" in printed and "| groupdro | ✓✓ |" in printed
+    rows = list(csv.DictReader((out / "comparison.csv").open()))
+    assert [r["method"] for r in rows] == ["erm", "groupdro"]
+    assert all(r["seeds"] == "2" for r in rows)
+    runs = list(csv.DictReader((out / "runs.csv").open()))
+    assert len(runs) == 4
+    # The table's cell is the mean ± population std of the runs' test numbers.
+    wga = [float(r["worst_group_accuracy"]) for r in runs if r["method"] == "groupdro"]
+    assert rows[1]["worst-group acc. (%)"] == f"{np.mean(wga):.1f} ± {np.std(wga):.1f}"
+    for method in ("erm", "groupdro"):
+        for seed in (0, 1):
+            run_dir = out / method / f"seed{seed}"
+            assert json.loads((run_dir / "results.json").read_text())["seed"] == seed
+            assert (run_dir / "report.html").is_file()
+    report = (out / "report.html").read_text()
+    assert "before: erm" in report and rows[1]["worst-group acc. (%)"] in report
+
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("*/seed*/results.json")}
+    assert main(argv) == 0
+    again = capsys.readouterr().out
+    assert again.count("finished earlier, skipped") == 4
+    assert {p: p.stat().st_mtime_ns for p in out.glob("*/seed*/results.json")} == stamps
+    assert (out / "comparison.md").read_text() == markdown
+
+
+def test_plan_reuses_the_erm_reference(tmp_path):
+    runs = plan({}, ["dfr_val", "jtt"], [3], ["jtt:method.options.lambda_up=7"], tmp_path)
+    names = [name for name, *_ in runs]
+    assert names == ["erm", "dfr_val", "jtt"]  # ERM added first: DFR starts from it
+    configs = {name: config for name, _, config, _ in runs}
+    assert configs["dfr_val"].method.reference == str(tmp_path / "erm" / "seed3" / "model")
+    assert configs["jtt"].method.reference is None
+    assert configs["jtt"].method.options == {"lambda_up": 7}
+    assert all(config.seed == 3 for config in configs.values())
+
+
+def test_compare_errors_are_clear(tmp_path, capsys):
+    with pytest.raises(ConfigError, match="not compared"):
+        split_overrides(["lff:method.options.q=0.5"], ["erm"])
+    with pytest.raises(ConfigError, match="has no option"):
+        plan({}, ["erm", "jtt"], [0], ["jtt:method.options.lamda=3"], tmp_path)
+    argv = ["compare", "--dataset", "synthetic", "--methods", "erm,nope", "--out", str(tmp_path)]
+    assert main(argv) == 2
+    assert "unknown method 'nope'" in capsys.readouterr().err
+    assert main(["compare", "--methods", "erm", "--out", str(tmp_path)]) == 2
+    assert "--config BASE.yaml or --dataset NAME" in capsys.readouterr().err
