@@ -21,7 +21,12 @@ out = Path(sys.argv[1])
 train, val = datasets()
 net = model()
 config = TrainConfig(epochs=2, batch_size=8, lr=0.05, progress=False, device="cpu")
-result = fit(net, train, val, config, out, seed=0)
+objective = None
+if len(sys.argv) > 2 and sys.argv[2] == "groupdro":
+    from unspur.train.group_objectives import GroupDROObjective
+
+    objective = GroupDROObjective(train.n_groups, train.group_counts(), eta=0.1)
+result = fit(net, train, val, config, out, seed=0, objective=objective)
 rank = torch.distributed.get_rank()
 world = torch.distributed.get_world_size()
 checksum = float(sum(p.double().sum() for p in net.parameters()))
@@ -32,6 +37,7 @@ checksum = float(sum(p.double().sum() for p in net.parameters()))
             "checksum": checksum,
             "best_epoch": result.best_epoch,
             "backend": torch.distributed.get_backend(),
+            "q": objective.q.tolist() if objective is not None else None,
         }
     )
 )

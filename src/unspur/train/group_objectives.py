@@ -99,8 +99,12 @@ class GroupDROObjective(Objective):
         self, logits: torch.Tensor, y: torch.Tensor, g: torch.Tensor, index: torch.Tensor
     ) -> torch.Tensor:
         losses = F.cross_entropy(logits.float(), y, reduction="none")
-        group_loss, _ = group_mean_losses(losses, g, self.n_groups)
-        self.update_q(group_loss.detach())
+        group_loss, count = group_mean_losses(losses, g, self.n_groups)
+        # q moves with the group losses of the global batch (all processes), so every
+        # process keeps the same q; gradients flow through the local losses only.
+        total = self.reduce_sum((group_loss * count).detach())
+        global_count = self.reduce_sum(count.detach())
+        self.update_q(total / global_count.clamp_min(1.0))
         return (self.q * group_loss).sum()
 
     def update_q(self, group_loss: torch.Tensor) -> torch.Tensor:
@@ -263,7 +267,8 @@ class LfFObjective(Objective):
         logits_b, logits_d = model(x, both=True)
         ce_b = F.cross_entropy(logits_b.float(), y, reduction="none")
         ce_d = F.cross_entropy(logits_d.float(), y, reduction="none")
-        self.update_ema(ce_b, ce_d, index)
+        # Every process applies the EMA update of the global batch (same state everywhere).
+        self.update_ema(self.gather(ce_b.detach()), self.gather(ce_d.detach()), self.gather(index))
         w = self.weights(index).to(ce_d.device)
         gce = generalized_cross_entropy(logits_b, y, self.q, reduction="none", form="lff")
         loss = gce.mean() + (ce_d * w).mean()

@@ -157,6 +157,7 @@ def fit(
         drop_last=False,
     )
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    objective.bind_processes(accelerator)
 
     state = _TrainerState(out_dir)
     start_epoch, best_score, best_epoch, history = 0, -math.inf, -1, []

@@ -10,16 +10,35 @@ resume them exactly.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 
+def _same(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
+
+
 class Objective:
-    """Base objective: mean cross-entropy (ERM)."""
+    """Base objective: mean cross-entropy (ERM).
+
+    Under several processes the loop binds ``gather`` (concatenate a tensor across
+    processes) and ``reduce_sum`` (sum it); stateful objectives update their state from
+    the global batch so every process keeps the same state. In one process both are the
+    identity.
+    """
 
     name = "erm"
+    gather: Callable[[torch.Tensor], torch.Tensor] = staticmethod(_same)
+    reduce_sum: Callable[[torch.Tensor], torch.Tensor] = staticmethod(_same)
+
+    def bind_processes(self, accelerator) -> None:
+        """Use ``accelerator`` to share state updates across processes."""
+        if accelerator.num_processes > 1:
+            self.gather = accelerator.gather
+            self.reduce_sum = lambda tensor: accelerator.reduce(tensor, "sum")
 
     def step(
         self,
