@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import helpers
 import pytest
 
 from unspur.cli import main
@@ -96,19 +97,7 @@ def test_methods_lists_erm(capsys):
     assert "erm" in capsys.readouterr().out
 
 
-DEBUG = [
-    "data.options.n_train=160",
-    "data.options.n_val=64",
-    "data.options.n_test=64",
-    "data.options.size=16",
-    "data.options.bias=0.9",
-    "data.image_size=16",
-    "model.options.widths=[8,8]",
-    "train.epochs=2",
-    "train.batch_size=32",
-    "train.progress=false",
-    "train.augment=false",
-]
+DEBUG = helpers.DEBUG
 
 
 def sets(values):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 
+import helpers
 import numpy as np
 import pytest
 
@@ -12,20 +13,7 @@ from unspur.cli import main
 from unspur.compare import plan, split_overrides
 from unspur.errors import ConfigError
 
-DEBUG = [
-    "data.options.n_train=160",
-    "data.options.n_val=64",
-    "data.options.n_test=64",
-    "data.options.size=16",
-    "data.options.bias=0.9",
-    "data.image_size=16",
-    "model.arch=small_cnn",
-    "model.options.widths=[8,8]",
-    "train.epochs=1",
-    "train.batch_size=32",
-    "train.progress=false",
-    "train.augment=false",
-]
+DEBUG = [*helpers.DEBUG, "train.epochs=1"]
 
 
 def sets(values: list[str]) -> list[str]:

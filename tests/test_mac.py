@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import helpers
 import numpy as np
 import pytest
 import torch
@@ -26,21 +27,7 @@ from unspur.models.small_cnn import MLP, SmallCNN
 from unspur.pipeline import run
 from unspur.train.interventions import batch_mean_colour, combine, draw_partners, remove
 
-DEBUG = [
-    "data.name=synthetic",
-    "data.options.n_train=160",
-    "data.options.n_val=64",
-    "data.options.n_test=64",
-    "data.options.size=16",
-    "data.options.bias=0.9",
-    "data.image_size=16",
-    "model.arch=small_cnn",
-    "model.options.widths=[8,8]",
-    "train.epochs=2",
-    "train.batch_size=32",
-    "train.progress=false",
-    "train.augment=false",
-]
+DEBUG = helpers.DEBUG
 
 
 # ------------------------------------------------------------ interventions

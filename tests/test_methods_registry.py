@@ -8,27 +8,14 @@ from __future__ import annotations
 
 import json
 
+import helpers
 import pytest
 
 from unspur.config import load_config
 from unspur.methods import available_methods
 from unspur.pipeline import run
 
-DEBUG = [
-    "data.name=synthetic",
-    "data.options.n_train=160",
-    "data.options.n_val=64",
-    "data.options.n_test=64",
-    "data.options.size=16",
-    "data.options.bias=0.9",
-    "data.image_size=16",
-    "model.arch=small_cnn",
-    "model.options.widths=[8,8]",
-    "train.epochs=2",
-    "train.batch_size=32",
-    "train.progress=false",
-    "train.augment=false",
-]
+DEBUG = helpers.DEBUG
 
 
 @pytest.mark.parametrize("name", sorted(available_methods()))

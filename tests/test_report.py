@@ -9,6 +9,7 @@ import zlib
 from html import escape
 from pathlib import Path
 
+import helpers
 import numpy as np
 import pandas as pd
 import pytest
@@ -22,21 +23,7 @@ from unspur.report import Section, register_section, render_run_report, write_ru
 from unspur.report.html import SECTION_PROVIDERS
 from unspur.report.svg import percent
 
-DEBUG = [
-    "data.name=synthetic",
-    "data.options.n_train=160",
-    "data.options.n_val=64",
-    "data.options.n_test=64",
-    "data.options.size=16",
-    "data.options.bias=0.9",
-    "data.image_size=16",
-    "model.arch=small_cnn",
-    "model.options.widths=[8,8]",
-    "train.epochs=2",
-    "train.batch_size=32",
-    "train.progress=false",
-    "train.augment=false",
-]
+DEBUG = helpers.DEBUG
 EVIL = "<script>alert(1)</script>"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 needs_chromium = pytest.mark.skipif(

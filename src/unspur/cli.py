@@ -119,13 +119,13 @@ def cmd_run(args: argparse.Namespace) -> None:
 
 
 def _compare_base(args: argparse.Namespace) -> tuple[dict, list[str]]:
-    from unspur.compare import read_base
+    from unspur.config import read_yaml_mapping
 
     if args.config and args.dataset:
         raise UnspurError("give either --config or --dataset, not both")
     if not args.config and not args.dataset:
         raise UnspurError("compare needs a base: --config BASE.yaml or --dataset NAME")
-    base = read_base(args.config)
+    base = read_yaml_mapping(args.config)
     extra = []
     if args.dataset:
         extra.append(f"data.name={args.dataset}")

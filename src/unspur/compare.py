@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
 from unspur.config import RunConfig, apply_overrides, config_from_dict
 from unspur.errors import ConfigError
@@ -84,21 +83,6 @@ def uses_reference(config: RunConfig) -> bool:
 
     method = get_method(config.method.name)
     return method.uses_reference or config.method.group_inference is not None
-
-
-def read_base(path: str | Path | None) -> dict[str, Any]:
-    if path is None:
-        return {}
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
-    try:
-        loaded = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
-    if loaded is not None and not isinstance(loaded, dict):
-        raise ConfigError(f"config file {path} must hold a mapping at the top level")
-    return loaded or {}
 
 
 def plan(
