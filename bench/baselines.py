@@ -22,7 +22,16 @@ import torch
 from unspur.methods import get_method
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import COLORED_MNIST, SYNTHETIC, data_overrides, row, run_setting, write_results  # noqa: E402
+from common import (  # noqa: E402
+    COLORED_MNIST,
+    SYNTHETIC,
+    attempt,
+    data_overrides,
+    failure_notes,
+    row,
+    run_setting,
+    write_results,
+)
 
 UTKFACE = [
     "data.name=utkface",
@@ -69,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     methods = args.methods.split(",")
-    rows, cost_ratios = [], []
+    rows, cost_ratios, failures = [], [], []
     for name in args.only.split(",") if args.only else list(SETTINGS):
         overrides, needs = SETTINGS[name]
         extra = data_overrides(needs, args.data_dir, name)
@@ -90,14 +99,26 @@ def main(argv: list[str] | None = None) -> int:
                             if get_method(method).uses_reference
                             else []
                         )
-                        results = run_setting(
-                            overrides + extra + [f"method.name={method}"] + pinned, seed
+                        results = attempt(
+                            overrides + extra + [f"method.name={method}"] + pinned,
+                            seed,
+                            failures,
+                            f"{name} {method}",
                         )
+                        if results is None:
+                            continue
                         head = {k: v for k, v in results["stage_seconds"].items() if k != "erm"}
                         if get_method(method).uses_reference and head and erm_epoch:
                             cost_ratios.append((name, method, min(head.values()) / erm_epoch))
                     rows.append(row(name, seed, results))
                     print(rows[-1], flush=True)
+            write_results(
+                rows, args.out, args.stem, cost_notes(cost_ratios) + failure_notes(failures)
+            )
+    return 0
+
+
+def cost_notes(cost_ratios: list[tuple[str, str, float]]) -> list[str]:
     notes = []
     if cost_ratios:
         notes = [
@@ -111,8 +132,7 @@ def main(argv: list[str] | None = None) -> int:
             ratio = np.mean([r for s2, m2, r in cost_ratios if (s2, m2) == (s, m)])
             notes.append(f"| {s} | {m} | {ratio:.3f} |")
         notes.append("")
-    write_results(rows, args.out, args.stem, notes)
-    return 0
+    return notes
 
 
 if __name__ == "__main__":

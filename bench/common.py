@@ -67,6 +67,31 @@ def run_setting(overrides: list[str], seed: int, keep: Path | None = None) -> di
     return results
 
 
+def attempt(
+    overrides: list[str], seed: int, failures: list[str], label: str, keep: Path | None = None
+) -> dict[str, Any] | None:
+    """``run_setting``, or None when the method refuses the data (recorded in ``failures``).
+
+    A benchmark goes on past a method that cannot run on a setting (e.g. one that needs
+    every training group present) and reports why, instead of losing every other row.
+    """
+    from unspur.errors import UnspurError
+
+    try:
+        return run_setting(overrides, seed, keep)
+    except UnspurError as exc:
+        failures.append(f"| {label} | seed {seed} | {str(exc).splitlines()[0]} |")
+        print(f"FAILED {label} seed {seed}: {exc}", file=sys.stderr, flush=True)
+        return None
+
+
+def failure_notes(failures: list[str]) -> list[str]:
+    if not failures:
+        return []
+    return ["## Runs that did not complete", "", "| run | seed | reason |", "|---|---|---|",
+            *failures, ""]  # fmt: skip
+
+
 def stage_epoch_seconds(run_dir: Path) -> dict[str, float]:
     """Mean seconds per training epoch of every stage in a run directory."""
     import json

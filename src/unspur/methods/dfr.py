@@ -64,10 +64,11 @@ from unspur.errors import ConfigError
 from unspur.evaluate.predict import evaluate_split
 from unspur.io import atomic_write_json
 from unspur.methods.base import Method, RunContext, Supervision, register_method
-from unspur.methods.last_layer import balanced_subset, cached_features
+from unspur.methods.last_layer import cached_features
 from unspur.models.base import Classifier
 from unspur.models.linear_head import LinearHead
 from unspur.train.loop import FitResult
+from unspur.train.sampling import balanced_subsample_indices
 
 #: The official script's C grid (Waterbirds; also used for CelebA with l1).
 C_OPTIONS = (1.0, 0.7, 0.3, 0.1, 0.07, 0.03, 0.01)
@@ -192,6 +193,13 @@ def _score(pred, y, g, n_groups, metric: str) -> float:
     if metric == "average":
         return float(np.mean(np.asarray(pred) == np.asarray(y)))
     return float(np.nanmin(group_accuracies(pred, y, g, n_groups)))
+
+
+def balanced_subset(
+    g: torch.Tensor | np.ndarray, n_groups: int, rng: np.random.Generator, what: str = "training"
+) -> np.ndarray:
+    """Positions of a group-balanced subset of the ``what`` data, every group present."""
+    return balanced_subsample_indices(g, n_groups, rng, f"{what} group", require_all=True)
 
 
 def check_groups(g: np.ndarray, n_groups: int, what: str, minimum: int = 1) -> None:
