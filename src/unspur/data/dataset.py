@@ -13,7 +13,29 @@ from unspur.data.table import GroupTable
 from unspur.errors import DataError
 
 
-class GroupDataset(Dataset):
+class GroupItems:
+    """Group bookkeeping shared by every dataset the training loop sees.
+
+    Needs ``self.table`` (for the numbers of classes and groups) and ``self.g`` (the
+    group id of every item, duplicates included).
+    """
+
+    table: GroupTable
+    g: torch.Tensor
+
+    @property
+    def n_groups(self) -> int:
+        return self.table.n_groups
+
+    @property
+    def n_classes(self) -> int:
+        return self.table.n_classes
+
+    def group_counts(self) -> torch.Tensor:
+        return torch.bincount(self.g, minlength=self.n_groups)
+
+
+class GroupDataset(GroupItems, Dataset):
     """Items are ``(image_tensor, y, g, index)``; ``index`` is the row in ``table``.
 
     ``raw(i)`` returns the untransformed PIL image for generators and segmenters, so the
@@ -37,17 +59,6 @@ class GroupDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int, int]:
         x = self.transform(self.raw(index))
         return x, int(self.y[index]), int(self.g[index]), index
-
-    @property
-    def n_groups(self) -> int:
-        return self.table.n_groups
-
-    @property
-    def n_classes(self) -> int:
-        return self.table.n_classes
-
-    def group_counts(self) -> torch.Tensor:
-        return torch.bincount(self.g, minlength=self.n_groups)
 
 
 def drop_bad_images(table: GroupTable, policy: str = "fail") -> GroupTable:

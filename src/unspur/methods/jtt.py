@@ -49,7 +49,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from unspur.data.dataset import GroupDataset
+from unspur.data.dataset import GroupDataset, GroupItems
 from unspur.errors import ConfigError
 from unspur.io import atomic_write_json
 from unspur.methods.base import Method, RunContext, Supervision, register_method
@@ -60,7 +60,7 @@ from unspur.train.loop import FitResult
 logger = logging.getLogger(__name__)
 
 
-class UpsampledDataset(Dataset):
+class UpsampledDataset(GroupItems, Dataset):
     """A dataset whose epoch lists some rows several times.
 
     ``positions[i]`` is the row of ``base`` behind item ``i``; items are
@@ -95,17 +95,6 @@ class UpsampledDataset(Dataset):
 
     def raw(self, index: int):
         return self.base.raw(int(self.source_index[index]))
-
-    @property
-    def n_groups(self) -> int:
-        return self.base.n_groups
-
-    @property
-    def n_classes(self) -> int:
-        return self.base.n_classes
-
-    def group_counts(self) -> torch.Tensor:
-        return torch.bincount(self.g, minlength=self.n_groups)
 
 
 def upsample(dataset: GroupDataset, error_indices: np.ndarray, lambda_up: int) -> UpsampledDataset:

@@ -37,7 +37,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from unspur.data.dataset import GroupDataset
+from unspur.data.dataset import GroupDataset, GroupItems
 from unspur.data.table import GroupTable
 from unspur.errors import CheckpointError, UnspurError
 from unspur.models.base import Classifier
@@ -81,7 +81,7 @@ class FeatureSet:
         return self.features.numpy(), self.y.numpy(), self.g.numpy()
 
 
-class FeatureDataset(Dataset):
+class FeatureDataset(GroupItems, Dataset):
     """Cached features as a dataset: items ``(feature, y, g, index)``.
 
     ``index`` is the position in this dataset (what the training loop and ``predict``
@@ -106,19 +106,8 @@ class FeatureDataset(Dataset):
         return self.features[index], int(self.y[index]), int(self.g[index]), index
 
     @property
-    def n_groups(self) -> int:
-        return self.table.n_groups
-
-    @property
-    def n_classes(self) -> int:
-        return self.table.n_classes
-
-    @property
     def feature_dim(self) -> int:
         return int(self.features.shape[1])
-
-    def group_counts(self) -> torch.Tensor:
-        return torch.bincount(self.g, minlength=self.n_groups)
 
     def subset(self, positions: Sequence[int] | np.ndarray) -> FeatureDataset:
         """Items at ``positions`` (distinct), re-indexed from 0, with their table rows."""
