@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -25,11 +24,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import (  # noqa: E402
     COLORED_MNIST,
     SYNTHETIC,
-    attempt,
-    data_overrides,
     failure_notes,
+    paired_runs,
     row,
-    run_setting,
     write_results,
 )
 
@@ -79,42 +76,17 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     methods = args.methods.split(",")
     rows, cost_ratios, failures = [], [], []
-    for name in args.only.split(",") if args.only else list(SETTINGS):
-        overrides, needs = SETTINGS[name]
-        extra = data_overrides(needs, args.data_dir, name)
-        if extra is None:
-            continue
-        for seed in [int(s) for s in args.seeds.split(",")]:
-            with tempfile.TemporaryDirectory() as erm_dir:
-                reference = run_setting(
-                    overrides + extra + ["method.name=erm"], seed, Path(erm_dir)
-                )
-                erm_epoch = reference["stage_seconds"].get("erm")
-                for method in methods:
-                    if method == "erm":
-                        results = reference
-                    else:
-                        pinned = (
-                            [f"method.reference={erm_dir}/model"]
-                            if get_method(method).uses_reference
-                            else []
-                        )
-                        results = attempt(
-                            overrides + extra + [f"method.name={method}"] + pinned,
-                            seed,
-                            failures,
-                            f"{name} {method}",
-                        )
-                        if results is None:
-                            continue
-                        head = {k: v for k, v in results["stage_seconds"].items() if k != "erm"}
-                        if get_method(method).uses_reference and head and erm_epoch:
-                            cost_ratios.append((name, method, min(head.values()) / erm_epoch))
-                    rows.append(row(name, seed, results))
-                    print(rows[-1], flush=True)
-            write_results(
-                rows, args.out, args.stem, cost_notes(cost_ratios) + failure_notes(failures)
-            )
+    seeds = [int(x) for x in args.seeds.split(",")]
+    only = args.only.split(",") if args.only else None
+    for name, seed, method, results, _ in paired_runs(
+        SETTINGS, only, methods, seeds, args.data_dir, failures
+    ):
+        head = {k: v for k, v in results["stage_seconds"].items() if k != "erm"}
+        if get_method(method).uses_reference and head and results["erm_epoch_seconds"]:
+            cost_ratios.append((name, method, min(head.values()) / results["erm_epoch_seconds"]))
+        rows.append(row(name, seed, results))
+        print(rows[-1], flush=True)
+        write_results(rows, args.out, args.stem, cost_notes(cost_ratios) + failure_notes(failures))
     return 0
 
 

@@ -12,6 +12,7 @@ import shlex
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +84,62 @@ def attempt(
         failures.append(f"| {label} | seed {seed} | {str(exc).splitlines()[0]} |")
         print(f"FAILED {label} seed {seed}: {exc}", file=sys.stderr, flush=True)
         return None
+
+
+def paired_runs(
+    settings: dict[str, tuple[list[str], str | None]],
+    only: list[str] | None,
+    methods: list[str],
+    seeds: list[int],
+    data_dir: Path | None,
+    failures: list[str],
+) -> Iterator[tuple[str, int, str, dict[str, Any], Path]]:
+    """Yield ``(setting, seed, method, results, run_dir)`` with ERM trained first.
+
+    Methods that start from a reference model (``uses_reference``: DFR, LLR, MaC,
+    MaskTune) get that seed's ERM model, as in their papers, so every comparison is
+    paired. ``run_dir`` lives until the next item (for artefacts such as mask quality);
+    every ``results`` carries ``erm_epoch_seconds``. A method that refuses a setting is
+    recorded in ``failures`` and skipped.
+    """
+    from unspur.methods import get_method
+
+    for name in only or list(settings):
+        overrides, needs = settings[name]
+        extra = data_overrides(needs, data_dir, name)
+        if extra is None:
+            continue
+        for seed in seeds:
+            with tempfile.TemporaryDirectory() as erm_dir:
+                base = overrides + extra
+                reference = run_setting(base + ["method.name=erm"], seed, Path(erm_dir))
+                erm_epoch = reference["stage_seconds"].get("erm")
+                for method in methods:
+                    if method == "erm":
+                        yield (
+                            name,
+                            seed,
+                            method,
+                            {**reference, "erm_epoch_seconds": erm_epoch},
+                            Path(erm_dir),
+                        )
+                        continue
+                    pinned = (
+                        [f"method.reference={erm_dir}/model"]
+                        if get_method(method).uses_reference
+                        else []
+                    )
+                    with tempfile.TemporaryDirectory() as run_dir:
+                        results = attempt(
+                            base + [f"method.name={method}"] + pinned,
+                            seed,
+                            failures,
+                            f"{name} {method}",
+                            Path(run_dir),
+                        )
+                        if results is not None:
+                            results["erm_epoch_seconds"] = erm_epoch
+                            yield name, seed, method, results, Path(run_dir)
 
 
 def failure_notes(failures: list[str]) -> list[str]:

@@ -16,22 +16,19 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 from pathlib import Path
 
 import pandas as pd
 import torch
 
-from unspur.methods import get_method
-
 sys.path.insert(0, str(Path(__file__).parent))
 from common import (  # noqa: E402
     COLORED_MNIST,
     SYNTHETIC,
-    data_overrides,
+    failure_notes,
     markdown,
+    paired_runs,
     row,
-    run_setting,
     write_results,
 )
 
@@ -80,43 +77,24 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     methods = args.methods.split(",")
-    rows, quality = [], []
-    for name in args.only.split(",") if args.only else list(SETTINGS):
-        overrides, needs = SETTINGS[name]
-        extra = data_overrides(needs, args.data_dir, name)
-        if extra is None:
-            continue
-        for seed in [int(s) for s in args.seeds.split(",")]:
-            with tempfile.TemporaryDirectory() as erm_dir:
-                reference = run_setting(
-                    overrides + extra + ["method.name=erm"], seed, Path(erm_dir)
-                )
-                for method in methods:
-                    if method == "erm":
-                        results = reference
-                    else:
-                        pinned = (
-                            [f"method.reference={erm_dir}/model"]
-                            if get_method(method).uses_reference
-                            else []
-                        )
-                        with tempfile.TemporaryDirectory() as run_dir:
-                            results = run_setting(
-                                overrides + extra + [f"method.name={method}"] + pinned,
-                                seed,
-                                Path(run_dir),
-                            )
-                            csv = Path(run_dir) / "mac" / "mask_quality.csv"
-                            if method == "mac" and csv.is_file():
-                                quality.append(pd.read_csv(csv).assign(seed=seed))
-                    rows.append(row(name, seed, results))
-                    print(rows[-1], flush=True)
+    rows, quality, failures = [], [], []
+    seeds = [int(x) for x in args.seeds.split(",")]
+    only = args.only.split(",") if args.only else None
+    for name, seed, method, results, run_dir in paired_runs(
+        SETTINGS, only, methods, seeds, args.data_dir, failures
+    ):
+        csv = run_dir / "mac" / "mask_quality.csv"
+        if method == "mac" and csv.is_file():
+            quality.append(pd.read_csv(csv).assign(seed=seed))
+        rows.append(row(name, seed, results))
+        print(rows[-1], flush=True)
     notes = [
         "MaC: xGradCAM masks of the ERM model, alpha = beta = 1 (search off), Adam 5e-3, "
         "StepLR 5/0.5, batch 32, 20 head epochs, interventions per batch. Colored MNIST "
         "uses model.arch=small_cnn (MaC needs a conv layer).",
         "",
         *quality_notes(quality),
+        *failure_notes(failures),
     ]
     write_results(rows, args.out, args.stem, notes)
     return 0
