@@ -11,12 +11,10 @@ relative to an ERM epoch (goal: at most 0.05).
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from unspur.methods import get_method
 
@@ -24,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import (  # noqa: E402
     COLORED_MNIST,
     SYNTHETIC,
+    bench_arguments,
     failure_notes,
     paired_runs,
     row,
@@ -63,21 +62,11 @@ METHODS = [
 ]
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data-dir", type=Path, default=None, help="folder like ../shared/data")
-    parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--only", default=None, help="comma-separated setting names")
-    parser.add_argument("--methods", default=",".join(METHODS))
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
-    parser.add_argument("--stem", default="baselines")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
+def main() -> int:
+    args = bench_arguments(__doc__.splitlines()[0], "baselines", methods=METHODS)
     methods = args.methods.split(",")
     rows, cost_ratios, failures = [], [], []
-    seeds = [int(x) for x in args.seeds.split(",")]
-    only = args.only.split(",") if args.only else None
+    seeds, only = args.seed_list, args.only_list
     for name, seed, method, results, _ in paired_runs(
         SETTINGS, only, methods, seeds, args.data_dir, failures
     ):

@@ -6,6 +6,7 @@ that produced it and the machine it ran on.
 
 from __future__ import annotations
 
+import argparse
 import csv
 import platform
 import shlex
@@ -44,6 +45,26 @@ COLORED_MNIST = [
 ]
 
 HEADLINE = ("worst_group_accuracy", "average_accuracy", "balanced_accuracy", "accuracy")
+
+
+def bench_arguments(
+    description: str, stem: str, seeds: str = "0,1,2", methods: list[str] | None = None
+) -> argparse.Namespace:
+    """The command line every benchmark script shares; sets torch's thread count."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--data-dir", type=Path, default=None, help="folder like ../shared/data")
+    parser.add_argument("--seeds", default=seeds, help="comma-separated seeds")
+    parser.add_argument("--only", default=None, help="comma-separated setting names")
+    if methods is not None:
+        parser.add_argument("--methods", default=",".join(methods))
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--stem", default=stem, help="name of the results files")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    args.seed_list = [int(x) for x in args.seeds.split(",")]
+    args.only_list = args.only.split(",") if args.only else None
+    return args
 
 
 def data_overrides(needs: str | None, data_dir: Path | None, name: str) -> list[str] | None:

@@ -10,14 +10,19 @@ Speed is measured here, never asserted in tests.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).parent))
-from common import COLORED_MNIST, SYNTHETIC, data_overrides, row, run_setting, write_results  # noqa: E402
+from common import (  # noqa: E402
+    COLORED_MNIST,
+    SYNTHETIC,
+    bench_arguments,
+    data_overrides,
+    row,
+    run_setting,
+    write_results,
+)
 
 # LfF and DiffInject report the last epoch on Colored MNIST.
 CMNIST_LAST = COLORED_MNIST + ["train.selection=last"]
@@ -47,23 +52,15 @@ SETTINGS: dict[str, tuple[list[str], str | None]] = {
 }
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data-dir", type=Path, default=None, help="folder like ../shared/data")
-    parser.add_argument("--seeds", default="0", help="comma-separated seeds")
-    parser.add_argument("--only", default=None, help="comma-separated setting names")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
-    parser.add_argument("--stem", default="erm_baseline", help="name of the results files")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
+def main() -> int:
+    args = bench_arguments(__doc__.splitlines()[0], "erm_baseline", seeds="0")
     rows = []
-    for name in args.only.split(",") if args.only else list(SETTINGS):
+    for name in args.only_list or list(SETTINGS):
         overrides, needs = SETTINGS[name]
         extra = data_overrides(needs, args.data_dir, name)
         if extra is None:
             continue
-        for seed in [int(s) for s in args.seeds.split(",")]:
+        for seed in args.seed_list:
             rows.append(row(name, seed, run_setting(overrides + extra, seed)))
             print(rows[-1], flush=True)
     write_results(rows, args.out, args.stem)

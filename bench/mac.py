@@ -14,17 +14,16 @@ Writes ``bench/results/mac.md`` / ``.csv``.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 import pandas as pd
-import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import (  # noqa: E402
     COLORED_MNIST,
     SYNTHETIC,
+    bench_arguments,
     failure_notes,
     markdown,
     paired_runs,
@@ -65,21 +64,11 @@ def quality_notes(tables: list[pd.DataFrame]) -> list[str]:
     ]
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data-dir", type=Path, default=None, help="folder like ../shared/data")
-    parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--only", default=None, help="comma-separated setting names")
-    parser.add_argument("--methods", default=",".join(METHODS))
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
-    parser.add_argument("--stem", default="mac")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
+def main() -> int:
+    args = bench_arguments(__doc__.splitlines()[0], "mac", methods=METHODS)
     methods = args.methods.split(",")
     rows, quality, failures = [], [], []
-    seeds = [int(x) for x in args.seeds.split(",")]
-    only = args.only.split(",") if args.only else None
+    seeds, only = args.seed_list, args.only_list
     for name, seed, method, results, run_dir in paired_runs(
         SETTINGS, only, methods, seeds, args.data_dir, failures
     ):
