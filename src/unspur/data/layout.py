@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path, PurePosixPath
 
 import numpy as np
@@ -198,19 +198,41 @@ def assign_splits(
     return split
 
 
-def int_column(frame: pd.DataFrame, column: str, where: str, first_line: int = 2) -> pd.Series:
-    """``frame[column]`` as integers; the error names the file line of the first bad value.
+def cell(where: str, row: int, column: str, first_line: int = 2) -> str:
+    """Where a metadata cell is, for error messages: file, row, file line and column.
 
     ``first_line`` is the file line of the frame's first row (2 after a CSV header).
     """
+    return f"{where}: row {row + 1} (line {row + first_line}), column {column!r}"
+
+
+def reject_first(
+    bad: pd.Series | np.ndarray,
+    where: str,
+    column: str,
+    problem: Callable[[int], str],
+    first_line: int = 2,
+) -> None:
+    """Raise a :class:`DataError` naming the first row where ``bad`` holds, if any.
+
+    ``problem(row)`` says what is wrong with that row's value and how to fix it.
+    """
+    flags = np.asarray(bad, dtype=bool)
+    if flags.any():
+        row = int(np.flatnonzero(flags)[0])
+        raise DataError(f"{cell(where, row, column, first_line)}: {problem(row)}")
+
+
+def int_column(frame: pd.DataFrame, column: str, where: str, first_line: int = 2) -> pd.Series:
+    """``frame[column]`` as integers; the error names the file line of the first bad value."""
     values = pd.to_numeric(frame[column], errors="coerce")
-    bad = values.isna() | (values != values.round())
-    if bad.any():
-        row = int(np.flatnonzero(bad.to_numpy())[0])
-        raise DataError(
-            f"{where}: row {row + 1} (line {row + first_line}), column {column!r}: "
-            f"{str(frame[column].iloc[row])!r} is not an integer label; fix that row"
-        )
+    reject_first(
+        values.isna() | (values != values.round()),
+        where,
+        column,
+        lambda row: f"{str(frame[column].iloc[row])!r} is not an integer label; fix that row",
+        first_line,
+    )
     return values.astype(np.int64)
 
 

@@ -13,7 +13,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from unspur.data.layout import check_relative, int_column, raise_if_missing, require_root
+from unspur.data.layout import (
+    cell,
+    check_relative,
+    int_column,
+    raise_if_missing,
+    reject_first,
+    require_root,
+)
 from unspur.data.registry import reader
 from unspur.data.store import FolderStore, safe_join
 from unspur.data.table import REQUIRED_COLUMNS, SPLITS, GroupTable
@@ -74,47 +81,44 @@ def read_csv_table(
 
     for column in ("filename", "split"):
         frame[column] = frame[column].str.strip()
-    empty = frame["filename"] == ""
-    if empty.any():
-        row = int(np.flatnonzero(empty.to_numpy())[0])
-        raise DataError(f"{where}: row {row + 1} (line {row + 2}), column 'filename' is empty")
+    reject_first(
+        frame["filename"] == "",
+        where,
+        "filename",
+        lambda row: "empty; give the image path relative to the root",
+    )
     for row, name in enumerate(frame["filename"]):
-        check_relative(name, f"{where}: row {row + 1} (line {row + 2}), column 'filename'", root)
+        check_relative(name, cell(where, row, "filename"), root)
 
     frame["y"] = int_column(frame, "y", where)
     frame["a"] = int_column(frame, "a", where)
     for column in ("y", "a"):
-        negative = frame[column] < 0
-        if negative.any():
-            row = int(np.flatnonzero(negative.to_numpy())[0])
-            raise DataError(
-                f"{where}: row {row + 1} (line {row + 2}), column {column!r}: "
-                f"{frame[column].iloc[row]} is negative; labels start at 0"
-            )
-    bad_split = ~frame["split"].isin(SPLITS)
-    if bad_split.any():
-        row = int(np.flatnonzero(bad_split.to_numpy())[0])
-        raise DataError(
-            f"{where}: row {row + 1} (line {row + 2}), column 'split': "
-            f"{frame['split'].iloc[row]!r} is not one of {'/'.join(SPLITS)}; rename it"
+        reject_first(
+            frame[column] < 0,
+            where,
+            column,
+            lambda row, c=column: f"{frame[c].iloc[row]} is negative; labels start at 0",
         )
+    reject_first(
+        ~frame["split"].isin(SPLITS),
+        where,
+        "split",
+        lambda row: f"{frame['split'].iloc[row]!r} is not one of {'/'.join(SPLITS)}; rename it",
+    )
     if "source" in frame.columns:
         frame["source"] = frame["source"].str.strip().replace("", "real")
-        bad = ~frame["source"].isin(SOURCES)
-        if bad.any():
-            row = int(np.flatnonzero(bad.to_numpy())[0])
-            raise DataError(
-                f"{where}: row {row + 1} (line {row + 2}), column 'source': "
-                f"{frame['source'].iloc[row]!r} is not one of {'/'.join(SOURCES)}"
-            )
+        reject_first(
+            ~frame["source"].isin(SOURCES),
+            where,
+            "source",
+            lambda row: f"{frame['source'].iloc[row]!r} is not one of {'/'.join(SOURCES)}",
+        )
     mask_store = None
     if "mask" in frame.columns:
         frame["mask"] = frame["mask"].str.strip()
         for row, name in enumerate(frame["mask"]):
             if name:
-                check_relative(
-                    name, f"{where}: row {row + 1} (line {row + 2}), column 'mask'", root
-                )
+                check_relative(name, cell(where, row, "mask"), root)
         mask_store = FolderStore(root)
 
     classes = _names(class_names, frame["y"], "class", "class_names", where)

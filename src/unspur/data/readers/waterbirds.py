@@ -10,10 +10,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
-from unspur.data.layout import check_relative, int_column, raise_if_missing, require_root
+from unspur.data.layout import (
+    cell,
+    check_relative,
+    int_column,
+    raise_if_missing,
+    reject_first,
+    require_root,
+)
 from unspur.data.registry import reader
 from unspur.data.store import FolderStore, safe_join
 from unspur.data.table import GroupTable
@@ -58,19 +64,16 @@ def read_waterbirds(
         raise DataError(f"{where}: has no rows")
 
     for row, name in enumerate(frame["img_filename"]):
-        check_relative(
-            name, f"{where}: row {row + 1} (line {row + 2}), column 'img_filename'", root
-        )
+        check_relative(name, cell(where, row, "img_filename"), root)
     columns = {c: int_column(frame, c, where) for c in ("y", "place", "split")}
     allowed = {"y": {0, 1}, "place": {0, 1}, "split": set(SPLIT_CODES)}
     for column, values in columns.items():
-        bad = ~values.isin(allowed[column])
-        if bad.any():
-            row = int(np.flatnonzero(bad.to_numpy())[0])
-            raise DataError(
-                f"{where}: row {row + 1} (line {row + 2}), column {column!r}: "
-                f"{values.iloc[row]} is not one of {sorted(allowed[column])}"
-            )
+        reject_first(
+            ~values.isin(allowed[column]),
+            where,
+            column,
+            lambda row, v=values, c=column: f"{v.iloc[row]} is not one of {sorted(allowed[c])}",
+        )
 
     table = pd.DataFrame(
         {
