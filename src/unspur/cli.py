@@ -103,7 +103,8 @@ def _config_path(args: argparse.Namespace) -> str | None:
 
 def cmd_run(args: argparse.Namespace) -> None:
     from unspur.config import load_config
-    from unspur.pipeline import is_finished, run
+    from unspur.pipeline import run
+    from unspur.stages import is_finished
 
     config = load_config(_config_path(args), args.set)
     out = Path(args.out)

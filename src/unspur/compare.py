@@ -228,8 +228,9 @@ def compare(
     ``base`` is a config mapping (a YAML file's content, or ``{}`` for the defaults).
     Returns the summary written to ``comparison.json``.
     """
-    from unspur.pipeline import is_finished, run
+    from unspur.pipeline import run
     from unspur.report.html import write_compare_report, write_run_report
+    from unspur.stages import is_finished
 
     out_dir = Path(out_dir)
     runs = plan(base, methods, seeds, overrides or [], out_dir)
