@@ -2,16 +2,18 @@
 
 For every seed ERM is trained first; every DBB variant starts from that ERM model
 (``method.reference``), so the comparison is paired. The generator is a domain model
-(:func:`unspur.generate.domain.train_domain_model`, default config) trained once on the
-benchmark's biased training split: ``--domain DIR`` names one, else
-``/work/cache/domain_synthetic`` when it holds a finished model, else one is trained in
-``--work/domain_model`` (about an hour on one thread). DBB's options are those of
-``configs/synthetic_dbb.yaml`` (exact object masks, K = 250 per class, 300 inversion
-steps). Variants: ``both`` (the paper's pruning), ``none`` (no pruning), ``psi`` / ``rho``
-(one condition), which reuse the tokens and generated candidates of ``both`` (the
-store refuses them if any generation input differs), and ``no_ti`` (plain prompt, no
-textual inversion; generates again). Also measures Integrated Gradients throughput:
-one batched Captum call per batch of images vs a per-image loop, same ``n_steps``.
+(:func:`unspur.generate.domain.train_domain_model`) trained on the benchmark's biased
+training images: ``--domain DIR`` names one, else ``/work/cache/domain_synthetic`` when it
+holds a finished model, else one is trained with the default config in
+``--work/domain_<config hash>`` (an hour or more on one thread). DBB's options are those
+of ``configs/synthetic_dbb.yaml`` (exact object masks, K = 250 per class, 300 inversion
+steps); ``--set key=value`` changes one. Variants (``--variants``; :data:`VARIANTS`):
+``both`` (the paper's pruning), ``none`` (no pruning), ``psi`` / ``rho`` (one condition),
+which reuse the tokens and candidates of ``both`` (the store refuses them if any
+generation input differs); ``box`` (inpaint the object's bounding box, same tokens, new
+candidates) and ``box_none`` (those candidates unpruned); ``no_ti`` (plain prompt, no
+textual inversion). Also measures Integrated Gradients throughput: one batched Captum
+call per batch of images vs a per-image loop, same ``n_steps`` (``--skip-ig`` to skip).
 
     python bench/dbb.py --threads 1 --seeds 0,1,2
 
@@ -65,6 +67,7 @@ def arguments() -> argparse.Namespace:
     parser.add_argument("--ig-images", type=int, default=64)
     parser.add_argument("--ig-steps", type=int, default=32)
     parser.add_argument("--skip-ig", action="store_true")
+    parser.add_argument("--ig-repeats", type=int, default=3)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     args.seed_list = [int(s) for s in args.seeds.split(",")]
@@ -157,6 +160,7 @@ def ig_throughput(model, images: torch.Tensor, steps: int, repeats: int = 3) -> 
     return {
         "images": n,
         "n_steps": steps,
+        "repeats": repeats,
         "seconds": best,
         "max_abs_diff": max(
             float((outputs[name] - outputs["loop"]).abs().max()) for name in outputs
@@ -196,7 +200,9 @@ def main() -> int:
 
             prepared = prepare_data(load_config(None, BASE))
             x = torch.stack([prepared.test[i][0] for i in range(args.ig_images)])
-            ig = ig_throughput(load_checkpoint(erm_dir / "model"), x, args.ig_steps)
+            ig = ig_throughput(
+                load_checkpoint(erm_dir / "model"), x, args.ig_steps, args.ig_repeats
+            )
             print("IG", ig, flush=True)
         for variant in args.variant_list:
             run_dir = seed_dir / f"dbb_{variant}"
@@ -239,8 +245,10 @@ def notes(domain_note, options, pruning, ig, failures) -> list[str]:
         "DBB options: `"
         + json.dumps({k: v for k, v in options.items() if k != "generator"})
         + "`. Variants: `both` = the paper's pruning (psi < Psi_i and rho > P); `none` = "
-        "no pruning; `psi` / `rho` = one condition; the four share one set of tokens and "
-        "candidates per seed.",
+        "no pruning; `psi` / `rho` = one condition (these four share one set of tokens and "
+        "candidates per seed); `box` = inpaint the object's bounding box instead of its "
+        "silhouette (`mask_region: box`, same tokens, new candidates), pruning both; "
+        "`box_none` = the same candidates without pruning; `no_ti` = plain prompt.",
         "",
         "Paper (Waterbirds, ResNet-50, SD-2 inpainting, GPU): ERM 74.6 -> DBB 93.0 "
         "worst-group (+18.4). Ours: see the gain over ERM above (CPU domain model, "
@@ -275,7 +283,8 @@ def notes(domain_note, options, pruning, ig, failures) -> list[str]:
             "",
             f"{ig['images']} test images (32 px) through the seed's ERM small CNN (4 conv "
             f"blocks, 32-128 channels), n_steps {ig['n_steps']}, Gauss-Legendre, one target "
-            "class per image, another image as the baseline; best of 3 repeats; largest "
+            f"class per image, another image as the baseline; best of {ig['repeats']} "
+            "repeats (interleaved); largest "
             f"difference between any two variants' attributions {ig['max_abs_diff']:.1e}.",
             "",
             *markdown(table),
