@@ -19,7 +19,7 @@ from unspur.data.table import GroupTable
 from unspur.errors import ConfigError
 from unspur.generate.budget import synthetic_budget, usb_counts, usb_total
 from unspur.generate.domain import SIZE_PRESETS
-from unspur.generate.store import SyntheticStore
+from unspur.generate.store import SyntheticStore, image_seed
 from unspur.methods import get_method
 from unspur.methods.ffr import (
     PROMPT_PRESETS,
@@ -28,7 +28,6 @@ from unspur.methods.ffr import (
     freeze_batchnorm,
     grayscale_filter,
     grayscale_score,
-    image_seed,
     with_source_groups,
 )
 from unspur.models.checkpoint import load_checkpoint

@@ -248,3 +248,18 @@ def dump_config(config: RunConfig) -> str:
     data = config.to_dict()
     data["train"]["augment_scale"] = list(data["train"]["augment_scale"])
     return yaml.safe_dump(data, sort_keys=False)
+
+
+def train_config_with(base: TrainConfig, overrides: Any, what: str) -> TrainConfig:
+    """``base`` with a method option's train settings (e.g. a pretraining stage) applied.
+
+    ``what`` names the option in errors, so a bad key points at the method option.
+    """
+    if not isinstance(overrides, dict):
+        raise ConfigError(f"method option {what} must be a mapping of train settings")
+    values = {**dataclasses.asdict(base), **overrides}
+    values["augment_scale"] = list(values["augment_scale"])
+    try:
+        return config_from_dict({"train": values}).train
+    except ConfigError as err:
+        raise ConfigError(f"method option {what}: {err}") from err

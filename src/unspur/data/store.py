@@ -9,6 +9,7 @@ benchmark). Nothing in a store ever writes under the user's data root.
 from __future__ import annotations
 
 import io
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Protocol
 
@@ -174,3 +175,13 @@ class PrefixStore:
                 f"{sorted(self.routes)} and there is no default store"
             )
         return store.open(name)
+
+
+def free_prefix(filenames: Iterable[str], base: str = "generated") -> str:
+    """A filename prefix that none of ``filenames`` starts with, for a new PrefixStore route."""
+    names = [str(name) for name in filenames]
+    prefix, n = f"{base}/", 1
+    while any(name.startswith(prefix) for name in names):
+        n += 1
+        prefix = f"{base}{n}/"
+    return prefix

@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from PIL import Image
+
+if TYPE_CHECKING:
+    from unspur.config import DataConfig, TrainConfig
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -178,3 +182,10 @@ def train_transform(
         return eval_transform(size, crop_ratio, normalize)
     stats = (IMAGENET_MEAN, IMAGENET_STD) if normalize else (None, None)
     return Compose([RandomResizedCrop(size, scale), RandomHorizontalFlip()], *stats)
+
+
+def train_transform_for(data: DataConfig, train: TrainConfig) -> Compose:
+    """The training transform a run's data and train settings ask for."""
+    return train_transform(
+        data.image_size, train.augment, tuple(train.augment_scale), data.crop_ratio, data.normalize
+    )

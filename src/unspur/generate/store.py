@@ -127,6 +127,15 @@ class GenerationResult:
     merged: bool  # whether this process wrote manifest.csv
 
 
+def image_seed(seed: int, g: int, i: int) -> int:
+    """The seed of image ``i`` of group ``g``: a 32-bit draw from ``(seed, g, i)``.
+
+    Independent of batch size and generation order, so a resumed or sharded run draws
+    the same image for the same ``(g, i)``.
+    """
+    return int(np.random.SeedSequence([abs(int(seed)), int(g), int(i)]).generate_state(1)[0])
+
+
 def key_to_name(key: str) -> str:
     """The file stem of ``key`` below ``images/``: filename-safe, unique per key."""
     if not isinstance(key, str) or not key:

@@ -110,9 +110,13 @@ import pandas as pd
 import torch
 from torch import nn
 
+from unspur.config import train_config_with
 from unspur.data.dataset import GroupDataset
+from unspur.data.store import free_prefix
 from unspur.data.table import GroupTable
+from unspur.data.transforms import train_transform_for
 from unspur.errors import ConfigError
+from unspur.generate.store import image_seed
 from unspur.io import atomic_write_json, atomic_write_text
 from unspur.methods.base import Method, RunContext, Supervision, register_method
 from unspur.train.loop import FitResult
@@ -614,7 +618,6 @@ class ClusteredDreamBooth(Method):
         from unspur.generate.dreambooth import load_lora
         from unspur.generate.pipelines import GenerationSettings
         from unspur.generate.store import GenerationRequest, SyntheticStore, generate_into_store
-        from unspur.methods.ffr import image_seed
 
         root = Path(options["store"]) if options["store"] else directory / "synthetic"
         store = SyntheticStore(root)
@@ -749,9 +752,10 @@ class ClusteredDreamBooth(Method):
 
     def _synthetic_table(self, real: GroupTable, kept: pd.DataFrame, root: Path) -> GroupTable:
         from unspur.generate.store import SyntheticStore
-        from unspur.methods.ffr import _free_prefix
 
-        merged = SyntheticStore(root).to_table(real, split="train", prefix=_free_prefix(real))
+        merged = SyntheticStore(root).to_table(
+            real, split="train", prefix=free_prefix(real.frame["filename"])
+        )
         frame = merged.frame
         keep = (frame["source"].astype(str) == "synthetic").to_numpy() & frame["key"].isin(
             set(kept["key"])
@@ -772,17 +776,16 @@ class ClusteredDreamBooth(Method):
         return {real.group_name(g): v for g, v in result.items()}
 
     def _stage1(self, context, options, synthetic, mode, cost):
-        from unspur.methods.ffr import _train_config, _transform
         from unspur.train.group_objectives import SupConObjective
 
         config = context.config
-        pretrain = _train_config(config.train, options["pretrain"] or {}, "pretrain")
+        pretrain = train_config_with(config.train, options["pretrain"] or {}, "pretrain")
         model = context.build_model()
         timer = _Timer()
         result = context.fit(
             model,
             f"{STAGE}/{mode}/pretrain",
-            train=GroupDataset(synthetic, _transform(config, pretrain)),
+            train=GroupDataset(synthetic, train_transform_for(config.data, pretrain)),
             train_config=pretrain,
             objective=SupConObjective(float(options["beta"]), float(options["temperature"])),
         )
@@ -790,7 +793,6 @@ class ClusteredDreamBooth(Method):
         return model, result
 
     def _stage2(self, context, options, model, mode, cost) -> FitResult:
-        from unspur.methods.ffr import _train_config, _transform
         from unspur.methods.last_layer import HEAD_DEFAULTS, retrain_last_layer
         from unspur.train.sampling import balanced_subsample_indices
 
@@ -798,10 +800,10 @@ class ClusteredDreamBooth(Method):
         timer = _Timer()
         if options["stage2"] == "ft_b":
             config = context.config
-            finetune = _train_config(config.train, options["finetune"] or {}, "finetune")
+            finetune = train_config_with(config.train, options["finetune"] or {}, "finetune")
             table = context.train.table
             keep = balanced_subsample_indices(table.groups, table.n_groups, config.seed)
-            data = GroupDataset(table.subset(keep), _transform(config, finetune))
+            data = GroupDataset(table.subset(keep), train_transform_for(config.data, finetune))
             result = context.fit(model, stage, train=data, train_config=finetune)
         else:
             head = {**HEAD_DEFAULTS, **(options["head"] or {})}

@@ -123,11 +123,14 @@ import numpy as np
 from PIL import Image, ImageStat
 from torch import nn
 
-from unspur.config import RunConfig, TrainConfig, config_from_dict
+from unspur.config import TrainConfig, train_config_with
 from unspur.data.dataset import GroupDataset
+from unspur.data.store import free_prefix
 from unspur.data.table import GroupTable
+from unspur.data.transforms import train_transform_for
 from unspur.errors import ConfigError, DataError
 from unspur.generate.budget import SyntheticBudget, synthetic_budget
+from unspur.generate.store import image_seed
 from unspur.io import atomic_write_json
 from unspur.methods.base import Method, RunContext, Supervision, get_method, register_method
 from unspur.train.loop import FitResult
@@ -345,11 +348,6 @@ class Prompter:
         return " ".join(text.split())
 
 
-def image_seed(seed: int, g: int, i: int) -> int:
-    """The seed of image ``i`` of group ``g``: a 32-bit draw from ``(seed, g, i)``."""
-    return int(np.random.SeedSequence([abs(int(seed)), int(g), int(i)]).generate_state(1)[0])
-
-
 def image_key(g: int, i: int) -> str:
     return f"g{g}/{i:06d}"
 
@@ -461,26 +459,6 @@ def freeze_batchnorm(model: nn.Module) -> int:
             module.training = False
             count += 1
     return count
-
-
-def _train_config(base: TrainConfig, overrides: Any, what: str) -> TrainConfig:
-    if not isinstance(overrides, dict):
-        raise ConfigError(f"method option {what} must be a mapping of train settings")
-    values = {**asdict(base), **overrides}
-    values["augment_scale"] = list(values["augment_scale"])
-    try:
-        return config_from_dict({"train": values}).train
-    except ConfigError as err:
-        raise ConfigError(f"method option {what}: {err}") from err
-
-
-def _transform(config: RunConfig, train: TrainConfig):
-    from unspur.data.transforms import train_transform
-
-    data = config.data
-    return train_transform(
-        data.image_size, train.augment, tuple(train.augment_scale), data.crop_ratio, data.normalize
-    )
 
 
 def _sub_context(context: RunContext, **changes) -> RunContext:
@@ -656,7 +634,7 @@ class _SyntheticMethod(Method):
             max_tries=float(options["max_tries"]),
         )
         keys = [k for g in sorted(chosen) for k in chosen[g]]
-        merged = store.to_table(real, split="train", prefix=_free_prefix(real))
+        merged = store.to_table(real, split="train", prefix=free_prefix(real.frame["filename"]))
         frame = merged.frame
         keep = (frame["source"].astype(str) == "real").to_numpy() | frame["key"].isin(
             keys
@@ -763,7 +741,7 @@ class _SyntheticMethod(Method):
         sub = _sub_context(
             context,
             config=sub_config,
-            train=GroupDataset(table, _transform(config, train_config)),
+            train=GroupDataset(table, train_transform_for(config.data, train_config)),
             out_dir=context.out_dir / stage,
             build_model=build_model,
             options={**options["train_options"]},
@@ -791,16 +769,6 @@ class _SyntheticMethod(Method):
         record = result.to_dict()
         atomic_write_json(directory / "probe.json", record)
         return record
-
-
-def _free_prefix(table: GroupTable, base: str = "generated") -> str:
-    """A filename prefix no row of ``table`` starts with (for merging the store)."""
-    names = table.frame["filename"].astype(str)
-    prefix, n = f"{base}/", 1
-    while names.str.startswith(prefix).any():
-        n += 1
-        prefix = f"{base}{n}/"
-    return prefix
 
 
 def _digest(values: list[str]) -> str:
@@ -869,10 +837,10 @@ class FFR(_SyntheticMethod):
         from unspur.methods.mac import model_hash
 
         config = context.config
-        pretrain = _train_config(
+        pretrain = train_config_with(
             config.train, {**self.defaults["pretrain"], **(options["pretrain"] or {})}, "pretrain"
         )
-        finetune = _train_config(config.train, options["finetune"] or {}, "finetune")
+        finetune = train_config_with(config.train, options["finetune"] or {}, "finetune")
         if not isinstance(options["freeze_bn"], bool):
             raise ConfigError("ffr: freeze_bn must be true or false")
 
@@ -881,7 +849,7 @@ class FFR(_SyntheticMethod):
         stage1 = context.fit(
             model,
             f"{self.name}/pretrain",
-            train=GroupDataset(synthetic, _transform(config, pretrain)),
+            train=GroupDataset(synthetic, train_transform_for(config.data, pretrain)),
             train_config=pretrain,
         )
         state = copy.deepcopy(model.state_dict())
