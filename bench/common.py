@@ -114,8 +114,13 @@ def paired_runs(
     seeds: list[int],
     data_dir: Path | None,
     failures: list[str],
+    variants: dict[str, list[str]] | None = None,
 ) -> Iterator[tuple[str, int, str, dict[str, Any], Path]]:
     """Yield ``(setting, seed, method, results, run_dir)`` with ERM trained first.
+
+    ``variants`` maps a label used in ``methods`` to its overrides (which must name the
+    method, e.g. ``["method.name=mac", "method.options.saliency=ground_truth"]``); the
+    results of a variant carry the label as their ``method``.
 
     Methods that start from a reference model (``uses_reference``: DFR, LLR, MaC,
     MaskTune) get that seed's ERM model, as in their papers, so every comparison is
@@ -135,8 +140,12 @@ def paired_runs(
                 base = overrides + extra
                 reference = run_setting(base + ["method.name=erm"], seed, Path(erm_dir))
                 erm_epoch = reference["stage_seconds"].get("erm")
-                for method in methods:
-                    if method == "erm":
+                for label in methods:
+                    chosen = (variants or {}).get(label, [f"method.name={label}"])
+                    method = next(
+                        o.split("=", 1)[1] for o in chosen if o.startswith("method.name=")
+                    )
+                    if label == "erm":
                         yield (
                             name,
                             seed,
@@ -152,15 +161,12 @@ def paired_runs(
                     )
                     with tempfile.TemporaryDirectory() as run_dir:
                         results = attempt(
-                            base + [f"method.name={method}"] + pinned,
-                            seed,
-                            failures,
-                            f"{name} {method}",
-                            Path(run_dir),
+                            base + chosen + pinned, seed, failures, f"{name} {label}", Path(run_dir)
                         )
                         if results is not None:
                             results["erm_epoch_seconds"] = erm_epoch
-                            yield name, seed, method, results, Path(run_dir)
+                            results["method"] = label
+                            yield name, seed, label, results, Path(run_dir)
 
 
 def failure_notes(failures: list[str]) -> list[str]:

@@ -176,6 +176,14 @@ def test_colored_mnist_protocol(tmp_path: Path) -> None:
     assert np.array_equal(table.store.images, again.store.images)
     small = load_dataset("colored_mnist", tmp_path, size=14, val_fraction=0)
     assert small.store.images.shape[1:] == (14, 14, 3) and "val" not in set(small.frame["split"])
+    # Background variant: same splits and groups, white digit on the group's colour.
+    back = load_dataset("colored_mnist", tmp_path, conflict_ratio=0.1, colour_on="background")
+    assert back.frame[["y", "a", "split"]].equals(frame[["y", "a", "split"]])
+    image = back.store.images[row].astype(float)
+    assert np.allclose(image[digit == 0] / 255, cm.PALETTE[frame["a"].iloc[row]], atol=0.04)
+    assert (image[digit == 255] == 255).all()
+    with pytest.raises(ConfigError, match="colour_on"):
+        load_dataset("colored_mnist", tmp_path, colour_on="stripes")
 
 
 def test_colored_mnist_t10k_only(tmp_path: Path) -> None:

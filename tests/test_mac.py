@@ -243,7 +243,13 @@ def _same(a, b):
 def test_mac_trains_only_the_head_and_writes_its_artefacts(tmp_path):
     config = load_config(
         None,
-        DEBUG + ["method.name=mac", "method.options.epochs=2", "method.options.figures=4"],
+        DEBUG
+        + [
+            "method.name=mac",
+            "method.options.search=false",
+            "method.options.epochs=2",
+            "method.options.figures=4",
+        ],
     )
     results = run(config, tmp_path)
     erm = load_checkpoint(tmp_path / "erm" / "best")
@@ -317,3 +323,24 @@ def test_masktune_changes_the_backbone(tmp_path):
     assert not _same(erm_backbone, backbone)
     masks = json.loads((tmp_path / "masktune" / "masks.json").read_text())
     assert 0.0 < masks["hidden_fraction"] < 0.5
+
+
+def test_mac_ground_truth_masks_are_used_exactly(tmp_path):
+    """A binary ground-truth map is the mask itself: no top-K speckle of background."""
+    config = load_config(
+        None,
+        DEBUG
+        + [
+            "method.name=mac",
+            "method.options.saliency=ground_truth",
+            "method.options.search=false",
+            "method.options.epochs=1",
+            "method.options.figures=0",
+        ],
+    )
+    run(config, tmp_path)
+    quality = __import__("pandas").read_csv(tmp_path / "mac" / "mask_quality.csv")
+    overall = quality[quality["name"] == "all"].iloc[0]
+    assert overall.mask_fg > 0.99 and overall.mask_bg < 0.01
+    info = json.loads((tmp_path / "mac" / "mac.json").read_text())["masks"]
+    assert info["top_k"] == "exact" and 0 < info["fraction"] < PAPER_FRACTION

@@ -182,12 +182,25 @@ def resize_stack(images: np.ndarray, size: int) -> np.ndarray:
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
+COLOUR_ON = ("foreground", "background")
+
+
 def colorize(
-    digits: np.ndarray, attrs: np.ndarray, std: float, rng: np.random.Generator
+    digits: np.ndarray,
+    attrs: np.ndarray,
+    std: float,
+    rng: np.random.Generator,
+    colour_on: str = "foreground",
 ) -> np.ndarray:
-    """LfF ``colorize``: ``clip(mean_colour[a] + N(0, std)) * grey`` on every stroke pixel."""
+    """LfF ``colorize``: ``clip(mean_colour[a] + N(0, std)) * grey`` on every stroke pixel.
+
+    ``colour_on="background"`` paints the colour behind a white digit instead
+    (``grey + colour * (255 - grey)``), so the spurious attribute lies outside the digit.
+    """
     colours = np.clip(PALETTE[attrs] + rng.standard_normal((len(attrs), 3)) * std, 0.0, 1.0)
-    out = colours[:, None, None, :].astype(np.float32) * digits[..., None].astype(np.float32)
+    colours = colours[:, None, None, :].astype(np.float32)
+    grey = digits[..., None].astype(np.float32)
+    out = colours * grey if colour_on == "foreground" else grey + colours * (255.0 - grey)
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
@@ -199,10 +212,14 @@ def read_colored_mnist(
     seed: int = 0,
     val_fraction: float = 0.1,
     size: int = 28,
+    colour_on: str = "foreground",
 ) -> GroupTable:
     """Colored MNIST (LfF protocol) from MNIST IDX files under ``root``; see the module
     docstring for the splits. ``conflict_ratio`` is the bias-conflicting fraction of
-    training, ``severity`` (1-5) picks the colour jitter, ``size`` the output size."""
+    training, ``severity`` (1-5) picks the colour jitter, ``size`` the output size.
+    ``colour_on="background"`` colours the background behind a white digit instead of
+    the strokes (the variant where the bias is spatially apart from the digit, as
+    mask-based methods such as MaC assume); splits and groups are the same."""
     if root is None:
         raise ConfigError(
             "colored_mnist needs the folder that holds the MNIST IDX files "
@@ -216,6 +233,8 @@ def read_colored_mnist(
         raise ConfigError(f"colored_mnist: val_fraction={val_fraction}; choose in [0, 1)")
     if size < 8:
         raise ConfigError(f"colored_mnist: size={size}; use at least 8 (28 is native)")
+    if colour_on not in COLOUR_ON:
+        raise ConfigError(f"colored_mnist: colour_on={colour_on!r}; choose foreground|background")
     if not root.is_dir():
         raise DataError(f"colored_mnist: data folder {root} does not exist")
 
@@ -250,7 +269,7 @@ def read_colored_mnist(
     std = COLOUR_STD[severity - 1]
     images, frame = lff_split_frames(
         parts,
-        lambda digits, attrs, rng: colorize(resize_stack(digits, size), attrs, std, rng),
+        lambda digits, attrs, rng: colorize(resize_stack(digits, size), attrs, std, rng, colour_on),
         10,
         conflict_ratio,
         seed,
@@ -270,9 +289,10 @@ def read_colored_mnist(
             "colour_std": std,
             "seed": seed,
             "size": size,
+            "colour_on": colour_on,
             "split_sizes": frame["split"].value_counts().to_dict(),
             "protocol": (
-                "LfF Colored MNIST: foreground colour = a, colour c is digit c's bias "
+                f"LfF Colored MNIST: {colour_on} colour = a, colour c is digit c's bias "
                 "colour; train conflicting samples spread equally over the other colours; "
                 "val and test unbiased (every colour equally often per digit)"
             )
