@@ -48,10 +48,11 @@ from common import (  # noqa: E402
 CACHED_DOMAIN = Path("/work/cache/domain_synthetic")
 #: The shared CPU base with the paper's optimiser (Adam) for every run.
 BASE = SYNTHETIC + ["train.optimizer=adam", "train.lr=0.001", "train.weight_decay=0"]
+#: UTKFace on CPU: the benchmark's own universe (see utkface_universe), read as a CSV.
 UTKFACE = [
-    "data.name=utkface",
-    "data.options.target=gender",
-    "data.options.bias=age",
+    "data.name=csv",
+    "data.options.class_names=[male,female]",
+    "data.options.attr_names=[child,adult]",
     "data.image_size=32",
     "data.balance_eval=true",
     "model.arch=small_cnn",
@@ -66,9 +67,10 @@ SETTINGS: dict[str, tuple[list[str], str | None]] = {
     "synthetic-99": (BASE + ["data.options.bias=0.99"], None),
     "synthetic-99.9": (BASE + ["data.options.bias=0.99", "data.bias_ratio=0.999"], None),
     "utkface-99.9": (UTKFACE + ["data.bias_ratio=0.999"], "utkface"),
+    "utkface-99": (UTKFACE + ["data.bias_ratio=0.99"], "utkface"),
 }
 # The same settings with the external generator (see generator_kind).
-SETTINGS.update({f"{k}/ext": v for k, v in list(SETTINGS.items()) if k.startswith("synthetic")})
+SETTINGS.update({f"{k}/ext": v for k, v in list(SETTINGS.items())})
 #: Training data of the external generator: an independent, group-balanced draw.
 EXTERNAL = [
     "data.name=synthetic",
@@ -77,8 +79,26 @@ EXTERNAL = [
     "data.options.seed=1000",
 ]
 DEFAULT_SETTINGS = "synthetic-99,synthetic-99.9"
+#: UTKFace universe: the reader's seeded split (seed 0: 70 / 10 / 20 %, stratified by
+#: group); the benchmark trains on UTK_TRAIN_FRACTION of every training group (a CPU
+#: budget: USB's synthetic total grows with the largest training group), evaluates on
+#: the reader's whole val / test splits (group-balanced per run seed), and the external
+#: generator learns from UTK_EXTERNAL_PER_GROUP held-out training images per group.
+UTK_TRAIN_FRACTION = 0.1
+UTK_EXTERNAL_PER_GROUP = 800
+#: The UTKFace domain model: captions "a headshot of a {male|female} {child|adult}",
+#: text-to-image only (FFR needs no inpainting: one inpainting step, unused).
+UTK_DOMAIN = {
+    "caption_template": "a headshot of a {class} {bias}",
+    "class_template": "a headshot of a {class}",
+    "bias_template": "a headshot of a {bias}",
+    "vae_steps": 300,
+    "unet_steps": 1000,
+    "inpaint_steps": 1,
+    "mixed_modes": "convert",
+}
 #: The paper's UTKFace 99.9 % ERM numbers (Table 1): worst-group accuracy.
-PAPER = {"utkface-99.9": {"none+erm": 5.9, "ffr+erm": 42.9}}
+PAPER = {"utkface-99.9/ext": {"none+erm": 5.9, "ffr+erm": 42.9}}
 
 
 def arguments() -> argparse.Namespace:
@@ -96,6 +116,11 @@ def arguments() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--stem", default="ffr")
+    parser.add_argument(
+        "--collect",
+        action="store_true",
+        help="train nothing: tabulate the finished runs in --work, skip the others",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     args.seed_list = [int(s) for s in args.seeds.split(",")]
@@ -105,10 +130,61 @@ def arguments() -> argparse.Namespace:
 # ------------------------------------------------------------------ generator
 def generator_kind(setting: str) -> str:
     """``in-run``: trained on the benchmark's own (synthetic-99) training split;
-    ``external``: trained on an independent, group-balanced draw; ``own``: UTKFace."""
+    ``external``: trained on an independent, group-balanced draw (synthetic: a separate
+    draw of the generator; UTKFace: held-out images, see :func:`utkface_universe`);
+    ``own``: trained on the UTKFace setting's own (biased) training split."""
     if setting.endswith("/ext"):
         return "external"
     return "in-run" if setting.startswith("synthetic") else "own"
+
+
+def utkface_universe(data_dir: Path, work: Path) -> Path:
+    """Write the UTKFace universe of the benchmark to ``work/utkface`` and return it.
+
+    ``metadata.csv`` (the benchmark): UTK_TRAIN_FRACTION of every training group of the
+    ``utkface`` reader's seeded split (gender target, age bias: child <= 10, adult >= 20)
+    plus the reader's whole val and test splits. ``external.csv`` (the external
+    generator's training data): UTK_EXTERNAL_PER_GROUP images per group drawn from the
+    *other* training images, so the generator never sees a benchmark image, of any
+    split or seed. Both are deterministic (numpy seed 0); the images are the archive's
+    own JPEG bytes, written once.
+    """
+    import tarfile
+
+    import pandas as pd
+
+    from unspur.data.registry import load_dataset
+
+    root = work / "utkface"
+    if (root / "metadata.csv").is_file() and (root / "external.csv").is_file():
+        return root
+    raw = load_dataset("utkface", data_dir / "utkface", target="gender", bias="age", seed=0)
+    frame = raw.frame.assign(reader_split=raw.frame["split"])
+    rng = np.random.default_rng(0)
+    train, held = [], []
+    for _, part in frame[frame["split"] == "train"].groupby(["y", "a"]):
+        order = rng.permutation(len(part))
+        n_train = int(round(UTK_TRAIN_FRACTION * len(part)))
+        train.append(part.iloc[order[:n_train]])
+        held.append(part.iloc[order[n_train:]])
+    per_group = min(UTK_EXTERNAL_PER_GROUP, *(len(h) for h in held))
+    external = pd.concat([h.iloc[:per_group] for h in held]).assign(split="train")
+    bench = pd.concat([*train, frame[frame["split"] != "train"]])
+    assert not set(external["filename"]) & set(bench["filename"])
+    wanted = set(bench["filename"]) | set(external["filename"])
+    archive = data_dir / "utkface" / "UTKFace.tar.gz"
+    with tarfile.open(archive, "r:*") as tar:
+        for member in tar:
+            if member.name in wanted:
+                target = root / member.name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                handle = tar.extractfile(member)
+                assert handle is not None
+                target.write_bytes(handle.read())
+    columns = ["filename", "y", "a", "split", "age", "gender", "race", "reader_split"]
+    external[columns].to_csv(root / "external.csv", index=False)
+    bench[columns].to_csv(root / "metadata.csv", index=False)
+    return root
 
 
 def domain_model(args, setting: str, overrides: list[str]) -> tuple[Path, str]:
@@ -124,15 +200,37 @@ def domain_model(args, setting: str, overrides: list[str]) -> tuple[Path, str]:
     if args.domain is not None:
         return args.domain, f"given ({args.domain})"
     kind = generator_kind(setting)
-    name = {"in-run": "domain_model", "external": "domain_model_external"}.get(
-        kind, f"domain_model_{setting}"
-    )
-    source, what = {
-        "in-run": (SETTINGS["synthetic-99"][0], "the synthetic-99 training split"),
-        "external": (EXTERNAL, "an independent group-balanced draw (bias 0.5, data seed 1000)"),
-    }.get(kind, (overrides, f"the {setting} training split"))
+    utkface = setting.startswith("utkface")
+    base = setting.removesuffix("/ext")
+    if utkface and kind == "external":
+        # One external UTKFace generator for every bias level: it never sees the
+        # benchmark's images.
+        name = "domain_model_utkface_external"
+        source = [o for o in overrides if not o.startswith("data.bias_ratio")]
+        source = source + ["data.options.csv=external.csv"]
+        what = (
+            f"{UTK_EXTERNAL_PER_GROUP} held-out UTKFace training images per group, in none of "
+            "the benchmark's splits (group-balanced, numpy seed 0)"
+        )
+    else:
+        name = {"in-run": "domain_model", "external": "domain_model_external"}.get(
+            kind, f"domain_model_{base}"
+        )
+        source, what = {
+            "in-run": (SETTINGS["synthetic-99"][0], "the synthetic-99 training split"),
+            "external": (
+                EXTERNAL,
+                "an independent group-balanced draw (bias 0.5, data seed 1000)",
+            ),
+        }.get(kind, (overrides, f"the {base} training split"))
+    config = DomainModelConfig(**UTK_DOMAIN) if utkface else DomainModelConfig()
+    if utkface:
+        what += (
+            f"; captions 'a headshot of a {{male|female}} {{child|adult}}', "
+            f"{config.vae_steps} autoencoder + {config.unet_steps} UNet steps"
+        )
     if (args.work / name / "domain.json").is_file():
-        return args.work / name, f"trained by this bench, default config, on {what}"
+        return args.work / name, f"trained by this bench on {what}"
     if kind == "in-run" and (CACHED_DOMAIN / "domain.json").is_file():
         cached = load_domain_model(CACHED_DOMAIN)
         size = cached.info.get("settings", {}).get("config", {}).get("image_size")
@@ -140,17 +238,24 @@ def domain_model(args, setting: str, overrides: list[str]) -> tuple[Path, str]:
             return CACHED_DOMAIN, f"cached ({CACHED_DOMAIN})"
     table = prepare_table(load_config(None, source + ["seed=0"]))
     started = time.perf_counter()
-    model = train_domain_model(table, args.work / name, DomainModelConfig())
+    model = train_domain_model(table, args.work / name, config)
     took = time.perf_counter() - started
-    return model.out_dir, f"trained here, default config, on {what} ({took / 60:.0f} min)"
+    return model.out_dir, f"trained here on {what} ({took / 60:.0f} min)"
 
 
 # ------------------------------------------------------------------ runs
-def run_in(overrides: list[str], seed: int, directory: Path) -> dict:
+class NotRun(Exception):
+    """A run that ``--collect`` found unfinished."""
+
+
+def run_in(overrides: list[str], seed: int, directory: Path, collect: bool = False) -> dict:
     from unspur.config import load_config
     from unspur.pipeline import run
+    from unspur.stages import is_finished
 
     config = load_config(None, overrides + [f"seed={seed}", "train.progress=false"])
+    if collect and not is_finished(config, directory):
+        raise NotRun(str(directory))
     started = time.perf_counter()
     results = run(config, directory)
     # A finished run is read back, not retrained: report the time it took when it ran.
@@ -299,9 +404,13 @@ def main() -> int:
             if args.data_dir is None or not (args.data_dir / needs).exists():
                 print(f"skip {setting}: needs {needs} under --data-dir", file=sys.stderr)
                 continue
-            overrides = overrides + [f"data.root={args.data_dir / needs}"]
-        domain, note = domain_model(args, setting, overrides)
-        notes_domain.append(f"- {setting}: {note}")
+            root = utkface_universe(args.data_dir, args.work)
+            overrides = overrides + [f"data.root={root}"]
+        if augments == ["none"]:  # no generator needed (nor trained)
+            domain, note = Path("none"), "not used (no synthetic data)"
+        else:
+            domain, note = domain_model(args, setting, overrides)
+            notes_domain.append(f"- {setting}: {note}")
         print(f"{setting}: domain model {domain} ({note})", flush=True)
         pool = args.work / f"pool_{Path(domain).name}"
         synthetic_options = [
@@ -329,7 +438,10 @@ def main() -> int:
                                               f"method.options.train_method={method}",
                                               *synthetic_options]  # fmt: skip
                     try:
-                        results = run_in(chosen, seed, directory)
+                        results = run_in(chosen, seed, directory, args.collect)
+                    except NotRun:
+                        print(f"not finished, skipped: {directory}", flush=True)
+                        continue
                     except Exception as exc:  # noqa: BLE001 - record and go on
                         failures.append(
                             f"| {setting} {label} | seed {seed} | {str(exc).splitlines()[0]} |"
@@ -379,16 +491,31 @@ def extra_notes(notes_domain, budgets, probes, judged, rows, failures) -> list[s
         "largest, ASB adds USB's budget split equally over the groups); `ffr` = stage 1 on "
         "the balanced synthetic set only (Adam, no augmentation, selection by real-val "
         "worst-group accuracy), stage 2 the training method on real data from the stage-1 "
-        "weights. Every run: small CNN, 32 px, Adam lr 1e-3, no weight decay, 8 epochs, "
-        "batch 64 (stage 1 and stage 2 alike); selection by validation worst-group "
-        "accuracy. `synthetic` = generated images used; `probe_mean` = mean (B, G) probe "
-        "accuracy over the groups it could score.",
+        "weights. Every run: small CNN, 32 px, Adam lr 1e-3, no weight decay, no "
+        "augmentation (stage 1 and stage 2 alike); synthetic settings 8 epochs, batch 64; "
+        "UTKFace 6 epochs, batch 128; selection by validation worst-group accuracy. "
+        "`synthetic` = generated images used; `probe_mean` = mean (B, G) probe accuracy "
+        "over the groups it could score.",
+        "",
+        f"UTKFace (`utkface-*`): target gender, bias age (child <= 10, adult >= 20; "
+        f"majority groups male child and female adult), the `utkface` reader's seeded "
+        f"split (seed 0, 70 / 10 / 20 %, stratified by group). To fit a CPU budget the "
+        f"benchmark trains on {UTK_TRAIN_FRACTION:.0%} of every training group (before "
+        f"the bias resplit: male child / adult 108 / 718, female child / adult 118 / 619), so at 99.9 % the resplit keeps "
+        f"one image of each conflicting group (male 99.1 %, female 99.8 % majority: a "
+        f"class cannot drop below one conflicting image); val and test are the reader's "
+        f"whole splits, group-balanced per seed (154 and 307 per group). The external "
+        f"generator (`/ext`) learns from {UTK_EXTERNAL_PER_GROUP} images per group drawn "
+        f"from the remaining {1 - UTK_TRAIN_FRACTION:.0%} of the training split, so it "
+        f"never sees an image of the benchmark (train, val or test, any seed), as Stable "
+        f"Diffusion never saw the paper's splits; the paper's grayscale filter is on.",
         "",
         "Generator:",
         *notes_domain,
-        "- one shared pool, generation seed 0, DDIM (the domain model's scheduler), "
-        "guidance 4.0 (domain.json), prompts = the domain model's captions "
-        '("a photo of a {class} on {bias}").',
+        "- one shared pool per generator, generation seed 0, DDIM (the domain model's "
+        "scheduler), guidance 4.0 (domain.json), prompts = the domain model's captions "
+        '("a photo of a {class} on {bias}"; UTKFace "a headshot of a {male|female} '
+        '{child|adult}").',
         "",
     ]
     if budgets:
