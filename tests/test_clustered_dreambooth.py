@@ -208,3 +208,68 @@ def test_lora_mode_with_llr_b_and_random_filter(clustered_run, tmp_path):
     assert {g["instance_images"] for g in gens} == {72}  # min |g| over the trained groups
     assert results["metrics"]["test"]["worst_group_accuracy"] >= 0.0
     assert (tmp_path / "clustered_dreambooth" / "lora" / "filter.csv").is_file()
+
+
+# ------------------------------------------------------------ plan and stage 2
+def _debug_plan(mode, **options):
+    from unspur.pipeline import prepare_table
+
+    real = prepare_table(load_config(None, helpers.DEBUG)).split("train")
+    counts = np.bincount(real.groups, minlength=real.n_groups)
+    resolved = ClusteredDreamBooth.resolve_options({"mode": mode, **options})
+    _, plans, _ = ClusteredDreamBooth()._plan(resolved, real, counts, None, 0)
+    return real, {p.group: p for p in plans}
+
+
+def test_identifier_prompt_and_the_severe_rule():
+    real, plans = _debug_plan("dreambooth", min_group_images=20)
+    borrowed = [p for p in plans.values() if p.borrowed]
+    own = [p for p in plans.values() if not p.borrowed]
+    assert borrowed and own
+    for plan in own:  # the paper's template: [V] and the class, no attribute
+        cls = real.class_names[plan.group // real.n_attrs]
+        assert plan.prompt == f"photo of a sks {cls}" and plan.negative_prompt == ""
+    for plan in borrowed:  # aligned group's model, no [V], attribute twice, others negated
+        y, a = divmod(plan.group, real.n_attrs)
+        assert plan.source // real.n_attrs == y and plan.source != plan.group
+        assert plan.generators == [f"g{plan.source}"]
+        wanted = real.attr_names[a]
+        assert plan.prompt == f"photo of a {real.class_names[y]} on {wanted}, {wanted}"
+        assert "sks" not in plan.prompt
+        others = [b for i, b in enumerate(real.attr_names) if i != a]
+        assert plan.negative_prompt == ", ".join(others) and wanted not in plan.negative_prompt
+
+    _, named = _debug_plan(
+        "dreambooth", identifier_template="photo of a {identifier} {class} on {bias}"
+    )
+    for plan in named.values():
+        if not plan.borrowed:
+            y, a = divmod(plan.group, real.n_attrs)
+            want = f"photo of a sks {real.class_names[y]} on {real.attr_names[a]}"
+            assert plan.prompt == want
+
+
+@pytest.mark.parametrize("head", ["finetune", "fresh"])
+def test_stage2_head_starts_from_the_stage1_softmax_layer(clustered_run, tmp_path, head):
+    from unspur.models.checkpoint import read_state_dict
+
+    out, _ = clustered_run
+    config = _config(
+        [
+            "method.options.mode=vanilla",
+            f"method.options.generator={out / 'domain_model'}",
+            "method.options.filter=none",
+            "method.options.fid=false",
+            "method.options.head={epochs: 0}",
+            f"method.options.stage2_head={head}",
+        ]
+    )
+    run(config, tmp_path)
+    stage1 = read_state_dict(tmp_path / "clustered_dreambooth" / "vanilla" / "pretrain" / "best")
+    final = read_state_dict(tmp_path / "model")
+    assert set(stage1) == set(final)
+    backbone = [k for k in stage1 if not k.startswith("head.")]
+    assert backbone and all(torch.equal(stage1[k], final[k]) for k in backbone)
+    heads = [k for k in stage1 if k.startswith("head.")]
+    same = all(torch.equal(stage1[k], final[k]) for k in heads)
+    assert same == (head == "finetune")  # zero head epochs: the selected head is the start

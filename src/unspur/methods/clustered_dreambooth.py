@@ -46,6 +46,9 @@ Choices where the paper leaves room (each is an option; defaults here):
   ``emphasis_template``: plain diffusers has no prompt weighting, so repetition is our
   stand-in for the paper's emphasis) and every other attribute of the dataset joined
   with ", " as the negative prompt. ``vanilla`` trains nothing and never borrows.
+* **Prompts**: ``{class}``, ``{bias}`` and ``{identifier}`` are filled in every
+  template (the default identifier template names no attribute: DreamBooth binds the
+  group's look to ``[V]``; a template with ``{bias}`` also names it).
 * **LoRA mode**: ``min_g |g|`` over the groups that train, images drawn at random
   (seeded). **DreamBooth**: ``min(100, |g|)`` random images. Clusters use all their
   images (``cluster_images`` caps them when set). Every LoRA is trained by
@@ -68,11 +71,15 @@ Choices where the paper leaves room (each is an option; defaults here):
   :class:`~unspur.train.group_objectives.SupConObjective` on the kept synthetic images
   only (group-balanced by construction), a fresh model from the run's factory, model
   selection on the real validation set (the run's selection rule).
-* **Stage 2** (``stage2``): ``llr_all`` (default; a fresh last layer on all real
-  training data, class-uniform sampling; :mod:`unspur.methods.last_layer`), ``llr_b``
-  (group-balanced subset) or ``ft_b`` (the whole network fine-tuned on the
-  group-balanced subset, ``finetune`` train-config overrides). ``head``: the head's
-  optimiser options (last_layer's ``HEAD_DEFAULTS``).
+* **Stage 2** (``stage2``): ``llr_all`` (default; the last layer on all real training
+  data, class-uniform sampling, on the frozen stage-1 backbone's cached features; see
+  :mod:`unspur.methods.last_layer`), ``llr_b`` (group-balanced subset) or ``ft_b`` (the
+  whole network fine-tuned on the group-balanced subset, ``finetune`` train-config
+  overrides). ``stage2_head``: ``finetune`` (default) starts from the stage-1 softmax
+  layer, as the paper writes it ("fine-tuning only the softmax layer on real data");
+  ``fresh`` re-initialises it first (last-layer retraining in the DFR sense). ``head``:
+  the head's optimiser options (last_layer's ``HEAD_DEFAULTS``); model selection on the
+  real validation set by the run's rule (worst-group accuracy by default).
 * **FID** (``fid``, on): per group between the kept synthetic and the real training
   images, on CLIP image embeddings of ``clip`` (:mod:`unspur.evaluate.fid`; not an
   Inception FID).
@@ -126,6 +133,7 @@ logger = logging.getLogger(__name__)
 STAGE = "clustered_dreambooth"
 MODES = ("vanilla", "lora", "dreambooth", "clustered_dreambooth")
 STAGE2 = ("llr_all", "llr_b", "ft_b")
+STAGE2_HEADS = ("finetune", "fresh")
 FILTERS = ("clip", "random", "none")
 TINY_CLIP = "tiny"
 #: k_D's divisor and cap: min(M_smallest / 20, 20).
@@ -330,6 +338,7 @@ class ClusteredDreamBooth(Method):
         "temperature": 1.0,
         "pretrain": {},
         "stage2": "llr_all",
+        "stage2_head": "finetune",
         "head": {},
         "finetune": {},
         "fid": True,
@@ -359,6 +368,7 @@ class ClusteredDreamBooth(Method):
 
         choice("mode", MODES)
         choice("stage2", STAGE2)
+        choice("stage2_head", STAGE2_HEADS)
         choice("filter", FILTERS)
         if options["severe"] not in ("auto", True, False):
             raise ConfigError(f"{self.name}: severe must be auto, true or false")
@@ -544,9 +554,9 @@ class ClusteredDreamBooth(Method):
                 generators[f"g{g}"] = Generator(f"g{g}", g, None, sorted(chosen.tolist()), prompt)
         elif mode == "dreambooth":
             for g in trained:
-                cls, _ = names(g)
+                cls, bias = names(g)
                 chosen = rng.permutation(members[g])[: int(options["dreambooth_images"])]
-                prompt = fill(options["identifier_template"], cls, identifier=identifier)
+                prompt = fill(options["identifier_template"], cls, bias, identifier)
                 generators[f"g{g}"] = Generator(f"g{g}", g, None, sorted(chosen.tolist()), prompt)
         else:
             assert embeddings is not None
@@ -557,9 +567,9 @@ class ClusteredDreamBooth(Method):
             )
             cap = options["cluster_images"]
             for g in trained:
-                cls, _ = names(g)
+                cls, bias = names(g)
                 labels = kmeans_clusters(embeddings[members[g]], k, seed)
-                prompt = fill(options["identifier_template"], cls, identifier=identifier)
+                prompt = fill(options["identifier_template"], cls, bias, identifier)
                 for c in range(int(labels.max()) + 1):
                     chosen = members[g][labels == c]
                     if cap:
@@ -582,7 +592,7 @@ class ClusteredDreamBooth(Method):
             elif mode in ("vanilla", "lora"):
                 prompt, negative = fill(options["prompt_template"], cls, bias), ""
             else:
-                prompt = fill(options["identifier_template"], cls, identifier=identifier)
+                prompt = fill(options["identifier_template"], cls, bias, identifier)
                 negative = ""
             plans.append(
                 GroupPlan(g, src, prompt, negative, mine, split_evenly(n_per_group, len(mine)))
@@ -793,7 +803,7 @@ class ClusteredDreamBooth(Method):
         return model, result
 
     def _stage2(self, context, options, model, mode, cost) -> FitResult:
-        from unspur.methods.last_layer import HEAD_DEFAULTS, retrain_last_layer
+        from unspur.methods.last_layer import HEAD_DEFAULTS
         from unspur.train.sampling import balanced_subsample_indices
 
         stage = f"{STAGE}/{mode}/{options['stage2']}"
@@ -807,13 +817,41 @@ class ClusteredDreamBooth(Method):
             result = context.fit(model, stage, train=data, train_config=finetune)
         else:
             head = {**HEAD_DEFAULTS, **(options["head"] or {})}
-            balance = "class" if options["stage2"] == "llr_all" else "group_subsample"
-            result = retrain_last_layer(context, model, stage, head, balance)
+            result = _retrain_head(
+                context, model, stage, head, options["stage2"], options["stage2_head"] == "fresh"
+            )
         cost.once("stage2", timer.seconds)
         return result
 
 
 # ------------------------------------------------------------------ helpers
+def _retrain_head(context, model, stage: str, head: dict[str, Any], rule: str, reset: bool):
+    """Stage 2's last layer on the real training features of the stage-1 backbone.
+
+    ``llr_all``: all real training data, class-balanced sampling; ``llr_b``: the
+    group-balanced subset. ``reset=False`` (``stage2_head: finetune``) fine-tunes the
+    stage-1 softmax layer, ``reset=True`` (``fresh``) draws a new one first.
+    """
+    from unspur.methods.last_layer import cached_features, head_train_config, train_head
+    from unspur.train.sampling import balanced_subsample_indices, class_balanced_weights
+
+    train = cached_features(context, model, context.train)
+    val = cached_features(context, model, context.val)
+    assert train is not None
+    weights = None
+    if rule == "llr_all":
+        weights = class_balanced_weights(train.y, train.n_classes)
+    else:
+        keep = balanced_subsample_indices(
+            train.g, train.n_groups, context.config.seed, "training group"
+        )
+        train = train.subset(keep)
+    config = head_train_config(context.config.train, head)
+    return train_head(
+        context, model, stage, train, val, config, sample_weights=weights, reset=reset
+    )
+
+
 def _train_lora_signature():
     from unspur.generate.dreambooth import train_dreambooth_lora
 
