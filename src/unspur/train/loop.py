@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -107,10 +107,19 @@ def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig):
 _TIE_BREAK = 1e-7
 
 
-def _score(metrics: GroupMetrics, rule: str) -> float:
+def selection_score(metrics: Mapping[str, float], rule: str) -> float:
+    """The number model selection maximises under ``rule`` (``worst_group`` or not).
+
+    Also for choosing between candidates (hyperparameters) on validation metrics, so
+    that ties at a worst group of 0% are broken by balanced accuracy there too.
+    """
     if rule == "worst_group":
-        return metrics.worst_group_accuracy + _TIE_BREAK * metrics.balanced_accuracy
-    return metrics.accuracy
+        return metrics["worst_group_accuracy"] + _TIE_BREAK * metrics["balanced_accuracy"]
+    return metrics["accuracy"]
+
+
+def _score(metrics: GroupMetrics, rule: str) -> float:
+    return selection_score(metrics.headline(), rule)
 
 
 def fit(
