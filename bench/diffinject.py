@@ -1,15 +1,24 @@
 """Benchmark: DiffInject vs vanilla (ERM) and LfF on Colored MNIST, like the paper's Table 1.
 
-One small P2-weighted DDPM (32 px, channels (32, 64, 64)) is trained once, on the
-training images of the first seed's Colored MNIST (28 px padded/resized to 32), and
-loaded by every DiffInject run (``method.options.ddpm``); its training time is recorded.
+One small P2-weighted DDPM (``--ddpm-size`` px, ``--ddpm-channels``) is trained once, on
+the training images of the first seed's Colored MNIST (28 px resized to the DDPM size),
+cached under ``--ddpm-dir`` and loaded by every DiffInject run
+(``method.options.ddpm``); its training time is recorded.
 Then, per setting and seed: ERM, LfF and DiffInject with the same CPU-sized classifier
 recipe as ``bench/baselines.py`` (MLP, Adam 1e-3, 20 epochs). The test split is
 unbiased (every colour equally often per digit), so its accuracy is the paper's
 "unbiased accuracy". Writes ``bench/results/diffinject.md`` / ``.csv`` and a figure of
 content / style / injected images (``diffinject_samples.png``).
 
-    python bench/diffinject.py --threads 1 --data-dir ../shared/data --seeds 0,1,2
+Injection quality. For every DiffInject run a small digit judge (a CNN trained on the
+seed's training digits with the colour removed: max over channels, scaled to max 1) and
+a colour judge (nearest mean stroke colour of the training colours) score the synthetic
+images: the share that shows the *content* image's digit (what the label says), the
+share that shows the *style* image's digit (label noise), and the share with the style's
+colour. They read the true colour labels, so they are a diagnostic of the benchmark only.
+
+    python bench/diffinject.py --threads 1 --data-dir ../shared/data --seeds 0,1,2 \
+        --di-option gamma=1.0 --di-option t_edit=500 --di-option ddim_steps=20
 """
 
 from __future__ import annotations
@@ -44,19 +53,31 @@ METHODS = ["erm", "lff", "diffinject"]
 
 
 def train_domain_ddpm(base: list[str], seed: int, out: Path, args) -> tuple[Path, float]:
-    """Train the DDPM on the seed's training images; returns (model dir, seconds)."""
+    """Train the DDPM on the seed's training images; returns (model dir, seconds).
+
+    Cached in ``out``: reused when it was trained with these settings for at least
+    ``--ddpm-steps`` steps, resumed from ``out/checkpoint`` otherwise (``seconds``
+    adds up the time of every session).
+    """
     from unspur.config import load_config
     from unspur.generate.ddpm import build_ddpm_unet, train_ddpm
     from unspur.generate.training import GenerativeTrainConfig
     from unspur.pipeline import prepare_data
 
     model_dir = out / "ddpm"
-    if (model_dir / "model_index.json").is_file() and (out / "seconds.json").is_file():
-        return model_dir, json.loads((out / "seconds.json").read_text())["seconds"]
+    record = out / "seconds.json"
+    settings = ddpm_settings(args)
+    before = json.loads(record.read_text()) if record.is_file() else {}
+    if before and before.get("settings") != settings:
+        raise SystemExit(f"{out} holds a DDPM with other settings; use another --ddpm-dir")
+    if (model_dir / "model_index.json").is_file() and before.get("steps", 0) >= args.ddpm_steps:
+        return model_dir, before["seconds"]
     config = load_config(None, base + [f"seed={seed}"])
     train = prepare_data(config).train
     torch.manual_seed(seed)
-    unet = build_ddpm_unet(32, 3, block_out_channels=(32, 64, 64), layers_per_block=1)
+    unet = build_ddpm_unet(
+        args.ddpm_size, 3, block_out_channels=args.ddpm_channels, layers_per_block=1
+    )
     started = time.perf_counter()
     train_ddpm(
         unet,
@@ -65,6 +86,7 @@ def train_domain_ddpm(base: list[str], seed: int, out: Path, args) -> tuple[Path
             steps=args.ddpm_steps,
             batch_size=args.ddpm_batch,
             learning_rate=args.ddpm_lr,
+            warmup_steps=args.ddpm_warmup,
             ema_decay=0.9999,
             seed=seed,
             save_every=250,
@@ -74,9 +96,111 @@ def train_domain_ddpm(base: list[str], seed: int, out: Path, args) -> tuple[Path
         p2_gamma=1.0,
         p2_k=1.0,
     )
-    seconds = time.perf_counter() - started
-    (out / "seconds.json").write_text(json.dumps({"seconds": seconds, "n_train": len(train)}))
+    seconds = before.get("seconds", 0.0) + time.perf_counter() - started
+    record.write_text(
+        json.dumps(
+            {
+                "seconds": seconds,
+                "steps": args.ddpm_steps,
+                "n_train": len(train),
+                "settings": settings,
+            }
+        )
+    )
     return model_dir, seconds
+
+
+def ddpm_settings(args) -> dict:
+    return {
+        "size": args.ddpm_size,
+        "channels": list(args.ddpm_channels),
+        "batch": args.ddpm_batch,
+        "lr": args.ddpm_lr,
+        "warmup": args.ddpm_warmup,
+    }
+
+
+def h_share_note(base: list[str], args, ddpm_dir: Path, n: int = 32) -> str:
+    """Median :func:`~unspur.generate.hspace.h_share` over ``n`` training pairs, by t."""
+    from unspur.config import load_config
+    from unspur.generate.ddpm import DiffusionImages, load_ddpm
+    from unspur.generate.hspace import h_share
+    from unspur.pipeline import prepare_data
+
+    unet, scheduler = load_ddpm(ddpm_dir)
+    train = prepare_data(load_config(None, base + [f"seed={args.seed_list[0]}"])).train
+    images = DiffusionImages(train, image_size=int(unet.config.sample_size))
+    picked = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:n]
+    x = torch.stack([images[int(i)]["x"] for i in picked])
+    shares = {
+        t: float(h_share(unet, scheduler, x, x.roll(1, 0), t).median()) for t in (700, 500, 300)
+    }
+    return (
+        "swapping h alone moves the predicted x0 "
+        + ", ".join(f"{share:.2f} (t={t})" for t, share in shares.items())
+        + " of the way to the other image's (median of "
+        + f"{n} pairs; 0 = the decoder ignores h, 1 = h decides)"
+    )
+
+
+def injection_quality(run_dir: Path, train) -> dict[str, float]:
+    """Digit / colour judges on the synthetic images (see the module docstring)."""
+    import pandas as pd
+    import torch.nn.functional as F
+    from PIL import Image
+    from torch import nn
+
+    def tensor(image) -> torch.Tensor:
+        array = np.asarray(image.convert("RGB").resize((28, 28)), dtype=np.float32) / 255
+        return torch.from_numpy(array).permute(2, 0, 1)
+
+    def shape(x: torch.Tensor) -> torch.Tensor:
+        grey = x.max(dim=1, keepdim=True).values
+        return grey / grey.flatten(1).max(1).values.clamp_min(1e-3).view(-1, 1, 1, 1)
+
+    def colour(x: torch.Tensor) -> torch.Tensor:
+        w = x.max(dim=1).values ** 4
+        mean = (x * w.unsqueeze(1)).flatten(2).sum(2) / w.flatten(1).sum(1, keepdim=True)
+        return mean / mean.max(1, keepdim=True).values.clamp_min(1e-3)
+
+    images = torch.stack([tensor(train.raw(i)) for i in range(len(train))])
+    y, a = train.y.long(), train.a.long()
+    generator = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    judge = nn.Sequential(
+        nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(64 * 7 * 7, 128), nn.ReLU(), nn.Linear(128, 10),
+    )  # fmt: skip
+    optimizer = torch.optim.Adam(judge.parameters(), 1e-3)
+    grey = shape(images)
+    for _ in range(4):
+        order = torch.randperm(len(grey), generator=generator)
+        for i in range(0, len(grey), 128):
+            batch = order[i : i + 128]
+            loss = F.cross_entropy(judge(grey[batch]), y[batch])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    judge.eval()
+    centroids = torch.stack([colour(images[a == c]).mean(0) for c in range(int(a.max()) + 1)])
+
+    store = run_dir / "diffinject_synthetic"
+    manifest = pd.read_csv(store / "manifest.csv")
+    fake = torch.stack([tensor(Image.open(store / f)) for f in manifest.filename])
+    content = torch.as_tensor(manifest.extra_content_index.to_numpy(), dtype=torch.long)
+    style = torch.as_tensor(manifest.extra_style_index.to_numpy(), dtype=torch.long)
+    with torch.no_grad():
+        digit = judge(shape(fake)).argmax(1)
+    hue = torch.cdist(colour(fake), centroids).argmin(1)
+    return {
+        "content_digit": float((digit == y[content]).float().mean()),
+        "style_digit": float((digit == y[style]).float().mean()),
+        "style_colour": float((hue == a[style]).float().mean()),
+        "content_digit_and_style_colour": float(
+            ((digit == y[content]) & (hue == a[style])).float().mean()
+        ),
+    }
 
 
 def sample_figure(run_dir: Path, path: Path, n: int = 12) -> None:
@@ -107,17 +231,22 @@ def main() -> int:
     import argparse
 
     own = argparse.ArgumentParser(add_help=False)
-    own.add_argument("--ddpm-steps", type=int, default=2000)
+    own.add_argument("--ddpm-steps", type=int, default=3250)
     own.add_argument("--ddpm-batch", type=int, default=16)
-    own.add_argument("--ddpm-lr", type=float, default=2e-4)
+    own.add_argument("--ddpm-lr", type=float, default=5e-4)
+    own.add_argument("--ddpm-warmup", type=int, default=200)
+    own.add_argument("--ddpm-size", type=int, default=32)
+    own.add_argument("--ddpm-channels", default="32,64,64,128", help="block_out_channels")
     own.add_argument("--di-option", action="append", default=[], help="KEY=VALUE")
-    own.add_argument("--ddpm-dir", type=Path, default=Path("runs/bench_diffinject_ddpm"))
+    own.add_argument("--ddpm-dir", type=Path, default=Path("runs/bench_diffinject_ddpm4"))
     mine, rest = own.parse_known_args()
     full_argv = sys.argv
     sys.argv = [sys.argv[0], *rest]
     args = bench_arguments(__doc__.splitlines()[0], "diffinject", methods=METHODS)
     sys.argv = full_argv  # the results record the whole command
     args.ddpm_steps, args.ddpm_batch, args.ddpm_lr = mine.ddpm_steps, mine.ddpm_batch, mine.ddpm_lr
+    args.ddpm_warmup, args.ddpm_size = mine.ddpm_warmup, mine.ddpm_size
+    args.ddpm_channels = tuple(int(c) for c in mine.ddpm_channels.split(","))
     args.di_options = mine.di_option
     methods = args.methods.split(",")
     rows, failures, notes = [], [], []
@@ -130,10 +259,16 @@ def main() -> int:
         base = overrides + extra
         ddpm_dir, ddpm_seconds = train_domain_ddpm(base, args.seed_list[0], ddpm_root, args)
         notes.append(
-            f"DDPM for {name}: {args.ddpm_steps} steps, batch {args.ddpm_batch}, lr "
-            f"{args.ddpm_lr}, P2 gamma=1 k=1, trained once on seed {args.seed_list[0]}'s "
-            f"training images in {ddpm_seconds / 60:.1f} min ({torch.get_num_threads()} thread)."
+            f"DDPM for {name}: {args.ddpm_size} px, channels {args.ddpm_channels} (one res "
+            f"block per level, h = the {args.ddpm_channels[-1]}-channel middle block at "
+            f"{args.ddpm_size // 2 ** (len(args.ddpm_channels) - 1)} px), {args.ddpm_steps} "
+            f"steps, batch {args.ddpm_batch}, lr {args.ddpm_lr} ({args.ddpm_warmup} warm-up), "
+            f"EMA 0.9999, P2 gamma=1 k=1, trained once on seed {args.seed_list[0]}'s training "
+            f"images in {ddpm_seconds / 60:.1f} min ({torch.get_num_threads()} thread)."
         )
+        if args.di_options:
+            notes.append(f"DiffInject options for {name}: {', '.join(args.di_options)}.")
+        notes.append(f"h share of this DDPM ({name}): {h_share_note(base, args, ddpm_dir)}.")
         for seed in args.seed_list:
             for method in methods:
                 options = []
@@ -160,6 +295,19 @@ def main() -> int:
                             f"conflicting with precision {prec['precision']:.2f} "
                             f"({prec['n_correct']}/{prec['n_predicted']}); "
                             f"{content['n_synthetic']} synthetic images."
+                        )
+                    if method == "diffinject":
+                        from unspur.config import load_config
+                        from unspur.pipeline import prepare_data
+
+                        run_train = prepare_data(load_config(Path(tmp) / "config.yaml")).train
+                        quality = injection_quality(Path(tmp), run_train)
+                        notes.append(
+                            f"{name} seed {seed}: synthetic images judged to show the "
+                            f"content digit {quality['content_digit']:.0%}, the style digit "
+                            f"{quality['style_digit']:.0%}, the style colour "
+                            f"{quality['style_colour']:.0%}; content digit in the style "
+                            f"colour {quality['content_digit_and_style_colour']:.0%}."
                         )
                 test = results["metrics"]["test"]
                 rows.append(

@@ -27,7 +27,14 @@ from unspur.generate.ddpm import (
     save_ddpm,
     train_ddpm,
 )
-from unspur.generate.hspace import HSpace, ddim_sample_with_h, h_norms, inject, slerp
+from unspur.generate.hspace import (
+    HSpace,
+    ddim_sample_with_h,
+    h_norms,
+    h_share,
+    inject,
+    slerp,
+)
 from unspur.generate.training import GenerativeTrainConfig
 
 SIZE = 16
@@ -380,4 +387,49 @@ def test_injection_global_local_recorded_and_boosted(trained):
         run()
     with pytest.raises(UnspurError, match="no h for timestep"):
         run(source_h={999: recorder.h[999]})
+    assert not unet._forward_pre_hooks and not unet.mid_block._forward_hooks
+
+
+def test_asymmetric_step_takes_x0_from_the_injected_and_direction_from_the_plain_call(trained):
+    """Asyrp's asymmetric process, written out for one edited step (grid [0, 999])."""
+    unet, scheduler = trained.unet, trained.scheduler
+    targets = ddim_invert(unet, scheduler, disks(2, seed=31), steps=2)
+    sources = ddim_invert(unet, scheduler, disks(2, seed=32), steps=2)
+    gamma = 0.7
+    out = ddim_sample_with_h(
+        unet, scheduler, targets, sources, steps=2, gamma=gamma, t_edit=999, asymmetric=True
+    )
+
+    alpha_bar = scheduler.alphas_cumprod.double()
+    a_top, a_low = float(alpha_bar[999]), float(alpha_bar[0])
+    t_top = torch.full((2,), 999)
+    with torch.no_grad():
+        with HSpace(unet, record=[999]) as recorder:
+            unet(sources, t_top)
+        content = recorder.h[999]
+        plain = unet(targets, t_top).sample
+        with HSpace(unet, replace=lambda h, t: slerp(h, content, gamma)):
+            injected = unet(targets, t_top).sample
+        x0 = (targets - (1 - a_top) ** 0.5 * injected) / a_top**0.5
+        x_low = a_low**0.5 * x0 + (1 - a_low) ** 0.5 * plain  # direction: the plain call
+        eps_low = unet(x_low, torch.zeros(2, dtype=torch.long)).sample
+        expected = (x_low - (1 - a_low) ** 0.5 * eps_low) / a_low**0.5  # t = 0: not edited
+    torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
+    # gamma = 1: the injected h is the content's direction at the target's norm.
+    with torch.no_grad(), HSpace(unet, record=[999]) as recorder:
+        unet(targets, t_top)
+    full = slerp(recorder.h[999], content, 1.0)
+    torch.testing.assert_close(h_norms(full), h_norms(recorder.h[999]))
+    cos = torch.nn.functional.cosine_similarity(full.flatten(1), content.flatten(1))
+    torch.testing.assert_close(cos, torch.ones(2))
+
+
+def test_h_share_measures_how_far_h_alone_moves_the_prediction(trained):
+    unet, scheduler = trained.unet, trained.scheduler
+    images, donors = disks(4, seed=41), disks(4, seed=42)
+    same = h_share(unet, scheduler, images, images, 500)
+    torch.testing.assert_close(same, torch.zeros(4))  # the own h: nothing moves
+    share = h_share(unet, scheduler, images, donors, 500)
+    assert share.shape == (4,) and bool(torch.isfinite(share).all())
+    assert bool((share > 0).all())  # this U-Net's decoder reads h, a little
     assert not unet._forward_pre_hooks and not unet.mid_block._forward_hooks

@@ -11,6 +11,8 @@ DiffInject uses that to turn bias-aligned images into bias-conflicting ones.
   the integer timestep) and/or replaces it with ``fn(h, t)``; removing it restores the
   plain model exactly (the hooks are gone, nothing else was touched).
 * :func:`slerp` is the normalised spherical interpolation.
+* :func:`h_share` measures whether a U-Net's decoder reads h at all (swap h between two
+  images, see how far the predicted ``x_0`` moves).
 * :func:`ddim_sample_with_h` is the injection: DDIM from the targets' ``x_T`` with the
   sources' h blended in at ``t >= t_edit`` (globally, or inside a mask for the local
   variant), optionally stochastic below ``t_boost`` (Asyrp's quality boosting), and
@@ -24,6 +26,7 @@ must be equal across the batch.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from typing import Any, Literal
 
@@ -260,8 +263,8 @@ def ddim_sample_with_h(
     *,
     source_h: Mapping[int, torch.Tensor] | None = None,
     steps: int = 40,
-    gamma: float | Callable[[int], float] = 0.5,
-    t_edit: int = 400,
+    gamma: float | Callable[[int], float] = 0.3,
+    t_edit: int = 500,
     t_boost: int | None = None,
     mask: torch.Tensor | None = None,
     class_labels: Any = None,
@@ -290,9 +293,13 @@ def ddim_sample_with_h(
     the un-injected one (one more U-Net call per edited step); the default (``False``)
     uses the injected prediction for both, as content injection without calibration.
 
-    Defaults: ``steps=40`` (Asyrp's n_inv/n_test steps); ``t_edit=400`` and ``gamma=0.5``
-    are starting values, not the paper's: Asyrp picks ``t_edit`` / ``t_boost`` per
-    dataset (an LPIPS threshold on the predicted ``x_0``), so set them per dataset.
+    Defaults: ``steps=40`` (Asyrp's n_inv/n_test steps); ``gamma=0.3`` and
+    ``t_edit=500`` are InjectFusion's official script (``h_gamma``,
+    ``user_defined_t_edit``; it also uses ``t_boost=200``). Asyrp picks ``t_edit`` /
+    ``t_boost`` per dataset (an LPIPS threshold on the predicted ``x_0``), so check them
+    per dataset. The injection only moves the output as far as the U-Net's decoder
+    reads h: measure that first (swap h between two images and compare the predicted
+    ``x_0``); a decoder that takes the content from its skip connections ignores it.
     """
     if (source_latents is None) == (source_h is None):
         raise UnspurError("pass exactly one content source: source_latents or source_h")
@@ -372,6 +379,48 @@ def ddim_sample_with_h(
         )
 
 
+def h_share(
+    unet: Any,
+    scheduler: Any,
+    images: torch.Tensor,
+    donors: torch.Tensor,
+    t: int,
+    *,
+    seed: int = 0,
+) -> torch.Tensor:
+    """How far swapping h alone moves the predicted ``x_0`` towards another image's.
+
+    Both ``images`` and ``donors`` (``(B, C, H, W)`` in ``[-1, 1]``) are noised to ``t``
+    with the same noise; the images' U-Net call is repeated with the donors' h (the
+    middle block's output) in place of their own. Returns, per image,
+    ``|x0(image | donor h) - x0(image)| / |x0(donor) - x0(image)|``: 0 when the decoder
+    ignores h (the content comes through the skip connections), about 1 when h alone
+    decides the prediction. A quick check of whether h-space injection can carry content
+    with a given U-Net (the injection papers use large pretrained ADMs, whose decoders
+    read h at high noise levels).
+    """
+    device, _ = _unet_device_dtype(unet)
+    schedule = _Schedule(scheduler)
+    a = schedule(t)
+    noise = torch.randn(images.shape, generator=torch.Generator().manual_seed(seed))
+    noise = noise.to(device)
+    own = math.sqrt(a) * images.to(device).float() + math.sqrt(1 - a) * noise
+    other = math.sqrt(a) * donors.to(device).float() + math.sqrt(1 - a) * noise
+
+    def x0(x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        return (x - math.sqrt(1 - a) * eps) / math.sqrt(a)
+
+    with torch.no_grad():
+        with HSpace(unet, record=[t]) as recorder:
+            donor = x0(other, unet_eps(unet, other, t, schedule, None))
+        plain = x0(own, unet_eps(unet, own, t, schedule, None))
+        swapped_h = recorder.h[t]
+        with HSpace(unet, replace=lambda h, _: swapped_h.to(h.dtype)):
+            swapped = x0(own, unet_eps(unet, own, t, schedule, None))
+    moved = (swapped - plain).flatten(1).norm(dim=1)
+    return moved / (donor - plain).flatten(1).norm(dim=1).clamp_min(1e-12)
+
+
 def h_norms(h: torch.Tensor) -> torch.Tensor:
     """Per-sample L2 norm of h (flattened): the quantity normalised Slerp preserves."""
     return h.reshape(h.shape[0], -1).float().norm(dim=1)
@@ -381,6 +430,7 @@ __all__ = [
     "HSpace",
     "ddim_sample_with_h",
     "h_norms",
+    "h_share",
     "inject",
     "slerp",
 ]

@@ -54,10 +54,23 @@ Choices where the paper is ambiguous or silent (all options):
 * *The synthetic rows' attribute* ``a`` in the merged table is the style image's ``a``
   (the attribute the injection is meant to produce). It is bookkeeping for the report
   only: the final objective is plain cross-entropy and never reads groups.
-* *Injection settings.* ``t_edit`` = 400 and ``t_boost`` = 200 are InjectFusion's /
-  Asyrp's usual values for 1000-step models; ``gamma`` = 0.5 is our starting value (the
-  paper's value could not be checked offline); ``ddim_steps`` = 40 is Asyrp's
-  ``n_inv_step`` / ``n_test_step``.
+* *Injection settings.* DiffInject takes its injection from InjectFusion (Jeong, Kwon &
+  Uh, "Training-free Content Injection using h-space in Diffusion Models") and does not
+  restate the values, so the defaults are InjectFusion's official script
+  (``script_diffstyle.sh`` of curryjung/InjectFusion_official): ``gamma`` = 0.3
+  (``h_gamma``, the content's share in the normalised Slerp), ``t_edit`` = 500
+  (``user_defined_t_edit``), ``t_boost`` = 200 (``t_boost``, eta = 1 below it).
+  ``ddim_steps`` = 40 is Asyrp's ``n_inv_step`` / ``n_test_step`` (InjectFusion runs
+  50 or 1000). Not implemented: its ``dt_lambda`` = 0.9985 (a 0.15 % shrink of the
+  direction term at the first step only) and style calibration (``omega`` = 0 in that
+  script). The h blended in is the content's own h on its DDIM reverse trajectory
+  from its inverted ``x_T`` (run in the same U-Net calls), and the style side is the
+  h of the process being generated, so the injected h feeds the next step
+  (InjectFusion's recursive injection); the norm is the style side's, per sample
+  (``norm="first"`` of :func:`~unspur.generate.hspace.slerp`). These values assume a
+  U-Net whose decoder reads h, as the large pretrained ADMs do; a small DDPM trained
+  briefly may route the content around h through the skip connections, then no value
+  carries it (``bench/results/diffinject.md`` measures this).
 * *DDPM.* The paper uses an ADM-like U-Net trained with P2; its size and schedule are
   not restated. Defaults here are a CPU-sized U-Net (channels (32, 64, 64), 32 px)
   with P2's learning rate 2e-5, batch 8 and EMA 0.9999 (the P2 README); ``ddpm_steps``
@@ -230,8 +243,8 @@ def inject_content(
     seeds: Sequence[int],
     *,
     steps: int = 40,
-    gamma: float = 0.5,
-    t_edit: int = 400,
+    gamma: float = 0.3,
+    t_edit: int = 500,
     t_boost: int | None = 200,
     mask: torch.Tensor | None = None,
     asymmetric: bool = True,
@@ -324,8 +337,8 @@ class DiffInject(Method):
       ``ddpm_layers_per_block`` = 1 (CPU-sized, ours), ``ddpm_steps`` = 10000 (ours),
       ``ddpm_batch_size`` = 8, ``ddpm_lr`` = 2e-5, ``ddpm_ema`` = 0.9999 (P2 README),
       ``p2_gamma`` = 1.0, ``p2_k`` = 1.0 (P2 / paper);
-    * ``ddim_steps`` = 40 (Asyrp), ``gamma`` = 0.5 (ours), ``t_edit`` = 400,
-      ``t_boost`` = 200 (InjectFusion / Asyrp), ``asymmetric`` = True (Asyrp's
+    * ``ddim_steps`` = 40 (Asyrp), ``gamma`` = 0.3, ``t_edit`` = 500,
+      ``t_boost`` = 200 (InjectFusion's script), ``asymmetric`` = True (Asyrp's
       asymmetric reverse process), ``local_mask`` = None or ``[top, left, bottom,
       right]`` fractions (local injection);
     * ``generation_batch_size`` = 8.
@@ -352,8 +365,8 @@ class DiffInject(Method):
         "p2_gamma": 1.0,
         "p2_k": 1.0,
         "ddim_steps": 40,
-        "gamma": 0.5,
-        "t_edit": 400,
+        "gamma": 0.3,
+        "t_edit": 500,
         "t_boost": 200,
         "asymmetric": True,
         "local_mask": None,
