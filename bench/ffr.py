@@ -4,7 +4,10 @@
 (None, USB, ASB, FFR) with a training method (ERM, resampling, GroupDRO, DFR) at bias
 levels 95 / 97 / 99 / 99.9 % and reports worst-group (WA) and balanced (BA) accuracy.
 This script runs that grid on the synthetic benchmark with a CPU domain model as the
-generator, and on UTKFace when ``--data-dir`` holds it and ``--only`` names it.
+generator, and on UTKFace (gender target, age bias) when ``--data-dir`` holds it and
+``--only`` names it (``utkface-99.9/ext``, ``utkface-99/ext``: see
+:func:`utkface_universe` for the CPU-sized universe and the held-out images the external
+generator learns from).
 
 The generator (:mod:`unspur.generate.domain`): ``--domain DIR`` names a trained domain
 model; else ``/work/cache/domain_synthetic`` when it holds one for this benchmark; else
@@ -20,9 +23,11 @@ the pool's images with a shape judge and a background judge trained on real,
 group-balanced images, to show how often the generator drew what each prompt asked.
 
     python bench/ffr.py --threads 1 --seeds 0,1,2
+    python bench/ffr.py --threads 1 --data-dir ../shared/data --only utkface-99.9/ext
 
 Runs live in ``--work`` and are reused when the bench is rerun (finished runs are not
-trained again). Writes ``ffr.md`` / ``ffr.csv`` to ``--out``.
+trained again); ``--collect`` trains nothing and tabulates the finished runs only.
+Writes ``ffr.md`` / ``ffr.csv`` to ``--out``.
 """
 
 from __future__ import annotations
@@ -86,6 +91,8 @@ DEFAULT_SETTINGS = "synthetic-99,synthetic-99.9"
 #: generator learns from UTK_EXTERNAL_PER_GROUP held-out training images per group.
 UTK_TRAIN_FRACTION = 0.1
 UTK_EXTERNAL_PER_GROUP = 800
+#: DDIM steps per UTKFace image (a CPU budget; ``--steps`` sets the synthetic settings').
+UTK_STEPS = 15
 #: The UTKFace domain model: captions "a headshot of a {male|female} {child|adult}",
 #: text-to-image only (FFR needs no inpainting: one inpainting step, unused).
 UTK_DOMAIN = {
@@ -236,6 +243,8 @@ def domain_model(args, setting: str, overrides: list[str]) -> tuple[Path, str]:
         size = cached.info.get("settings", {}).get("config", {}).get("image_size")
         if cached.class_names == ["circle", "cross"] and size == 32:
             return CACHED_DOMAIN, f"cached ({CACHED_DOMAIN})"
+    if args.collect:  # --collect trains nothing, a generator included
+        return Path(args.work / name), f"not trained yet (would be: {what})"
     table = prepare_table(load_config(None, source + ["seed=0"]))
     started = time.perf_counter()
     model = train_domain_model(table, args.work / name, config)
@@ -344,6 +353,83 @@ def judge_pool(args, pool: Path, table_overrides: list[str], title: str) -> list
     ]
 
 
+def judge_utkface(args, pool: Path, overrides: list[str]) -> list[str]:
+    """Gender and age judges (small CNNs trained on the external generator's real,
+    group-balanced images; accuracy on the real val split of seed 0) on every kept image
+    of the UTKFace pool. Cached in ``--work/judge_utkface.json``."""
+    cache = args.work / "judge_utkface.json"
+    if not cache.is_file() and not args.collect:
+        from unspur.config import TrainConfig, load_config
+        from unspur.data.dataset import GroupDataset
+        from unspur.data.store import FolderStore
+        from unspur.data.table import GroupTable
+        from unspur.data.transforms import eval_transform
+        from unspur.generate.store import SyntheticStore
+        from unspur.models.factory import build_model
+        from unspur.pipeline import prepare_table
+        from unspur.train.loop import fit
+
+        base = [o for o in overrides if not o.startswith("data.bias_ratio")]
+        external = prepare_table(load_config(None, base + ["data.options.csv=external.csv"]))
+        val = prepare_table(load_config(None, base + ["seed=0"])).split("val")
+
+        def swap(t):
+            return GroupTable(frame=t.frame.assign(y=t.frame["a"], a=t.frame["y"]),
+                              store=t.store, class_names=t.attr_names,
+                              attr_names=t.class_names, name="age")  # fmt: skip
+
+        transform = eval_transform(32, 1.0, True)
+        config = TrainConfig(epochs=6, batch_size=64, optimizer="adam", lr=1e-3,
+                             weight_decay=0, augment=False, progress=False,
+                             selection="last")  # fmt: skip
+        frame = SyntheticStore(pool).to_frame()
+        frame = frame[frame["kept"]]
+        folder = FolderStore(pool)
+        images = torch.stack([transform(folder.open(n)) for n in frame["filename"]])
+
+        def predict(model, x):
+            model.eval()
+            with torch.no_grad():
+                return torch.cat([model(x[i : i + 256]).argmax(1) for i in range(0, len(x), 256)])
+
+        right, accuracy = {}, {}
+        for what, train, test in (("gender", external, val), ("age", swap(external), swap(val))):
+            model = build_model("small_cnn", 2)
+            fit(model, GroupDataset(train, transform), None, config,
+                args.work / f"judge_utk_{what}", seed=0, val_group_labels=False)  # fmt: skip
+            x = torch.stack([transform(test.store.open(n)) for n in test.frame["filename"]])
+            accuracy[what] = round(
+                100 * float((predict(model, x).numpy() == test.frame["y"].to_numpy()).mean()), 1
+            )
+            truth = frame["y" if what == "gender" else "a"].to_numpy()
+            right[what] = predict(model, images).numpy() == truth
+        groups = {}
+        parts = frame.assign(g_ok=right["gender"], a_ok=right["age"]).groupby(["y", "a"])
+        for (y, a), part in parts:
+            groups[f"{val.class_names[y]} / {val.attr_names[a]}"] = {
+                "images": len(part),
+                "gender right %": round(100 * part.g_ok.mean(), 1),
+                "age right %": round(100 * part.a_ok.mean(), 1),
+                "both %": round(100 * (part.g_ok & part.a_ok).mean(), 1),
+            }
+        cache.write_text(json.dumps({"judge_real_val_accuracy": accuracy, "groups": groups}))
+    if not cache.is_file():
+        return []
+    result = json.loads(cache.read_text())
+    rows = [{"group asked for": k, **v} for k, v in result["groups"].items()]
+    acc = result["judge_real_val_accuracy"]
+    return [
+        "## What the generator drew: UTKFace external generator",
+        "",
+        "Judges: small CNNs trained on the external generator's real, group-balanced "
+        f"images; accuracy on the real (balanced) val split: gender {acc['gender']}%, age "
+        f"{acc['age']}%. Every kept image of the pool, by the group its prompt asked for:",
+        "",
+        *markdown(rows),
+        "",
+    ]
+
+
 def probe_notes(probes: dict[tuple[str, str], list[dict]]) -> list[str]:
     if not probes:
         return []
@@ -356,8 +442,7 @@ def probe_notes(probes: dict[tuple[str, str], list[dict]]) -> list[str]:
         "group; mean over seeds, `-` where a group has fewer than 2 real images.",
         "",
     ]
-    names = None
-    table = []
+    tables: dict[tuple[str, ...], list[dict]] = {}  # one table per dataset's groups
     for (setting, method), runs in sorted(probes.items()):
         names = [g["name"] for g in runs[0]["groups"]]
         entry = {"setting": setting, "method": method}
@@ -366,8 +451,10 @@ def probe_notes(probes: dict[tuple[str, str], list[dict]]) -> list[str]:
                 r["groups"][k]["accuracy"] for r in runs if r["groups"][k]["accuracy"] is not None
             ]
             entry[name] = f"{100 * np.mean(values):.1f}" if values else "-"
-        table.append(entry)
-    return lines + markdown(table) + [""]
+        tables.setdefault(tuple(names), []).append(entry)
+    for table in tables.values():
+        lines += markdown(table) + [""]
+    return lines
 
 
 def paper_notes(rows: list[dict]) -> list[str]:
@@ -386,6 +473,33 @@ def paper_notes(rows: list[dict]) -> list[str]:
         return []
     return ["## Beside the paper", "", "| setting | method | paper WA | ours WA |", "|---|---|---|---|",
             *lines, ""]  # fmt: skip
+
+
+def verdict_notes(rows: list[dict]) -> list[str]:
+    """Is FFR's mean worst-group accuracy above None, USB and ASB (same training method)?"""
+    means: dict[tuple[str, str], tuple[float, float, int]] = {}
+    for key in {(r["setting"], r["method"]) for r in rows}:
+        values = [r["worst_group_accuracy"] for r in rows if (r["setting"], r["method"]) == key]
+        means[key] = (float(np.mean(values)), float(np.std(values)), len(values))
+    lines = []
+    for setting in sorted({r["setting"] for r in rows}):
+        for method in sorted({m.split("+", 1)[1] for s, m in means if s == setting}):
+            ffr = means.get((setting, f"ffr+{method}"))
+            others = {a: means.get((setting, f"{a}+{method}")) for a in ("none", "usb", "asb")}
+            if ffr is None or any(v is None for v in others.values()):
+                continue
+            best = max(others, key=lambda a: others[a][0])
+            margin = ffr[0] - others[best][0]
+            text = ", ".join(f"{a} {v[0]:.1f} ± {v[1]:.1f}" for a, v in others.items())
+            lines.append(
+                f"| {setting} | {method} | {ffr[0]:.1f} ± {ffr[1]:.1f} | {text} | "
+                f"{'yes' if margin > 0 else 'no'} ({margin:+.1f} vs {best}) | {ffr[2]} |"
+            )
+    if not lines:
+        return []
+    return ["## Is FFR above None, USB and ASB? (worst-group accuracy, mean ± std over seeds)",
+            "", "| setting | training method | FFR | None / USB / ASB | FFR above all three | "
+            "seeds |", "|---|---|---|---|---|---|", *lines, ""]  # fmt: skip
 
 
 def main() -> int:
@@ -417,7 +531,7 @@ def main() -> int:
             f"method.options.generator={domain}",
             f"method.options.store={pool}",
             "method.options.generation_seed=0",
-            f"method.options.steps={args.steps}",
+            f"method.options.steps={UTK_STEPS if setting.startswith('utkface') else args.steps}",
             "method.options.batch_size=32",
             "method.options.probe=true",
         ]
@@ -466,6 +580,11 @@ def main() -> int:
                         if probe and probe.get("mean_accuracy") is not None
                         else ""
                     )
+                    # FFR's stage 1 (synthetic images only) on the real validation set.
+                    stage1 = ((info or {}).get("stage1") or {}).get("val") or {}
+                    for key, name in (("worst_group_accuracy", "stage1_val_wga"),
+                                      ("balanced_accuracy", "stage1_val_ba")):  # fmt: skip
+                        entry[name] = round(100 * stage1[key], 1) if key in stage1 else ""
                     if probe and "groups" in probe:
                         probes.setdefault((setting, label), []).append(probe)
                     if info and seed == args.seed_list[0]:
@@ -475,7 +594,15 @@ def main() -> int:
                     write_results(rows, args.out, args.stem,
                                   extra_notes(notes_domain, budgets, probes, judged, rows, failures))  # fmt: skip
         kind = generator_kind(setting)
-        if args.judge and setting.startswith("synthetic") and pool.is_dir() and kind not in judged:
+        if args.judge and setting.startswith("utkface") and pool.is_dir() and kind == "external":
+            judged.setdefault("utkface", judge_utkface(args, pool, overrides))
+        if (
+            args.judge
+            and not args.collect
+            and setting.startswith("synthetic")
+            and pool.is_dir()
+            and kind not in judged
+        ):
             judged[kind] = judge_pool(
                 args, pool, SETTINGS["synthetic-99"][0] + args.set, f"{kind} generator ({note})"
             )
@@ -495,7 +622,9 @@ def extra_notes(notes_domain, budgets, probes, judged, rows, failures) -> list[s
         "augmentation (stage 1 and stage 2 alike); synthetic settings 8 epochs, batch 64; "
         "UTKFace 6 epochs, batch 128; selection by validation worst-group accuracy. "
         "`synthetic` = generated images used; `probe_mean` = mean (B, G) probe accuracy "
-        "over the groups it could score.",
+        "over the groups it could score; `stage1_val_wga` / `stage1_val_ba` = FFR's "
+        "stage-1 model (synthetic images only, the selected epoch) on the real validation "
+        "set: worst-group and balanced accuracy.",
         "",
         f"UTKFace (`utkface-*`): target gender, bias age (child <= 10, adult >= 20; "
         f"majority groups male child and female adult), the `utkface` reader's seeded "
@@ -513,7 +642,8 @@ def extra_notes(notes_domain, budgets, probes, judged, rows, failures) -> list[s
         "Generator:",
         *notes_domain,
         "- one shared pool per generator, generation seed 0, DDIM (the domain model's "
-        "scheduler), guidance 4.0 (domain.json), prompts = the domain model's captions "
+        f"scheduler; 25 steps for the synthetic settings, {UTK_STEPS} for UTKFace), "
+        "guidance 4.0 (domain.json), prompts = the domain model's captions "
         '("a photo of a {class} on {bias}"; UTKFace "a headshot of a {male|female} '
         '{child|adult}").',
         "",
@@ -528,7 +658,14 @@ def extra_notes(notes_domain, budgets, probes, judged, rows, failures) -> list[s
                          f"{b['synthetic_total']} | {b['matched_total']} |")  # fmt: skip
         lines.append("")
     judges = [line for kind in sorted(judged) for line in judged[kind]]
-    return lines + paper_notes(rows) + probe_notes(probes) + judges + failure_notes(failures)
+    return (
+        lines
+        + verdict_notes(rows)
+        + paper_notes(rows)
+        + probe_notes(probes)
+        + judges
+        + failure_notes(failures)
+    )
 
 
 if __name__ == "__main__":
