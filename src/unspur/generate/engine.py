@@ -52,6 +52,17 @@ def is_domain_model_dir(spec: str) -> bool:
     return (Path(spec) / DOMAIN_FILE).is_file()
 
 
+def domain_model_dir(spec: str, run_dir: str | Path) -> Path | None:
+    """Where the domain model of generator ``spec`` lives (``"domain"``: the run's own,
+    trained or not yet), or None when ``spec`` is not a domain model (a hub id or an
+    ordinary pipeline folder)."""
+    if spec == DOMAIN:
+        return Path(run_dir) / DOMAIN_DIR
+    if is_domain_model_dir(spec):
+        return Path(spec)
+    return None
+
+
 def pipeline_weights(
     spec: str,
     task: Task,

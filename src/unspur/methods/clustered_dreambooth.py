@@ -803,7 +803,7 @@ class ClusteredDreamBooth(Method):
         return model, result
 
     def _stage2(self, context, options, model, mode, cost) -> FitResult:
-        from unspur.methods.last_layer import HEAD_DEFAULTS
+        from unspur.methods.last_layer import HEAD_DEFAULTS, retrain_last_layer
         from unspur.train.sampling import balanced_subsample_indices
 
         stage = f"{STAGE}/{mode}/{options['stage2']}"
@@ -817,41 +817,14 @@ class ClusteredDreamBooth(Method):
             result = context.fit(model, stage, train=data, train_config=finetune)
         else:
             head = {**HEAD_DEFAULTS, **(options["head"] or {})}
-            result = _retrain_head(
-                context, model, stage, head, options["stage2"], options["stage2_head"] == "fresh"
-            )
+            balance = "class" if options["stage2"] == "llr_all" else "group_subsample"
+            reset = options["stage2_head"] == "fresh"
+            result = retrain_last_layer(context, model, stage, head, balance, reset=reset)
         cost.once("stage2", timer.seconds)
         return result
 
 
 # ------------------------------------------------------------------ helpers
-def _retrain_head(context, model, stage: str, head: dict[str, Any], rule: str, reset: bool):
-    """Stage 2's last layer on the real training features of the stage-1 backbone.
-
-    ``llr_all``: all real training data, class-balanced sampling; ``llr_b``: the
-    group-balanced subset. ``reset=False`` (``stage2_head: finetune``) fine-tunes the
-    stage-1 softmax layer, ``reset=True`` (``fresh``) draws a new one first.
-    """
-    from unspur.methods.last_layer import cached_features, head_train_config, train_head
-    from unspur.train.sampling import balanced_subsample_indices, class_balanced_weights
-
-    train = cached_features(context, model, context.train)
-    val = cached_features(context, model, context.val)
-    assert train is not None
-    weights = None
-    if rule == "llr_all":
-        weights = class_balanced_weights(train.y, train.n_classes)
-    else:
-        keep = balanced_subsample_indices(
-            train.g, train.n_groups, context.config.seed, "training group"
-        )
-        train = train.subset(keep)
-    config = head_train_config(context.config.train, head)
-    return train_head(
-        context, model, stage, train, val, config, sample_weights=weights, reset=reset
-    )
-
-
 def _train_lora_signature():
     from unspur.generate.dreambooth import train_dreambooth_lora
 
@@ -861,9 +834,9 @@ def _train_lora_signature():
 def _domain_guidance(spec: str, out_dir: Path) -> float:
     """A domain model's recorded sampling guidance (4.0 if absent); 7.5 otherwise (SD)."""
     from unspur.generate.domain import load_domain_model
-    from unspur.methods.ffr import _domain_dir
+    from unspur.generate.engine import domain_model_dir
 
-    directory = _domain_dir(spec, out_dir)
+    directory = domain_model_dir(spec, out_dir)
     if directory is None:
         return 7.5
     return float(load_domain_model(directory).info.get("sampling", {}).get("guidance_scale", 4.0))

@@ -353,16 +353,6 @@ def image_key(g: int, i: int) -> str:
 
 
 # ---------------------------------------------------------------------- the pool
-def _domain_dir(spec: str, out_dir: Path) -> Path | None:
-    from unspur.generate.engine import DOMAIN, DOMAIN_DIR, is_domain_model_dir
-
-    if spec == DOMAIN:
-        return out_dir / DOMAIN_DIR
-    if is_domain_model_dir(spec):
-        return Path(spec)
-    return None
-
-
 def fill_pool(
     store,
     targets: np.ndarray,
@@ -575,7 +565,9 @@ class _SyntheticMethod(Method):
         generator = generator_for(
             spec, "text2image", table=real, run_dir=context.out_dir, domain=options["domain"]
         )
-        domain_dir = _domain_dir(spec, context.out_dir)
+        from unspur.generate.engine import domain_model_dir
+
+        domain_dir = domain_model_dir(spec, context.out_dir)
         domain = load_domain_model(domain_dir) if domain_dir is not None else None
         if domain is not None and (
             domain.class_names != list(real.class_names)

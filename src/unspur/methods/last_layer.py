@@ -167,12 +167,14 @@ def retrain_last_layer(
     stage: str,
     options: dict[str, Any],
     balance: str,
+    *,
+    reset: bool = True,
 ) -> FitResult:
     """LLR of ``model`` on the run's training data, balanced by ``balance``.
 
     ``balance``: ``"class"`` (class-balanced sampling, LLR_all), ``"group_subsample"``
     (group-balanced subset, LLR_b), ``"group_sample"`` (group-balanced sampling) or
-    ``"none"``.
+    ``"none"``. ``reset=False`` fine-tunes the current head instead of drawing a new one.
     """
     train = cached_features(context, model, context.train)
     val = cached_features(context, model, context.val)
@@ -193,7 +195,9 @@ def retrain_last_layer(
     elif balance != "none":
         raise ConfigError(f"unknown balance {balance!r}")
     config = head_train_config(context.config.train, options)
-    return train_head(context, model, stage, train, val, config, sample_weights=weights)
+    return train_head(
+        context, model, stage, train, val, config, sample_weights=weights, reset=reset
+    )
 
 
 # ------------------------------------------------------------------------ methods
