@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import (  # noqa: E402
     COLORED_MNIST,
     SYNTHETIC,
+    UTKFACE_TRAIN,
     bench_arguments,
     failure_notes,
     paired_runs,
@@ -34,14 +35,7 @@ UTKFACE = [
     "data.options.target=gender",
     "data.options.bias=age",
     "data.image_size=48",
-    "data.balance_eval=true",
-    "model.arch=small_cnn",
-    "train.epochs=6",
-    "train.optimizer=adam",
-    "train.lr=0.001",
-    "train.weight_decay=0",
-    "train.batch_size=128",
-    "train.augment=false",
+    *UTKFACE_TRAIN,
 ]
 SETTINGS: dict[str, tuple[list[str], str | None]] = {
     "synthetic-99": (SYNTHETIC + ["data.options.bias=0.99"], None),

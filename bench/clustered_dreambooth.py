@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import SYNTHETIC, failure_notes, markdown, row, write_results  # noqa: E402
+from common import SYNTHETIC, Judges, failure_notes, markdown, row, write_results  # noqa: E402
 
 SETTING = "synthetic-99.9"
 BASE = SYNTHETIC + ["data.options.bias=0.999"]
@@ -134,56 +134,6 @@ def run_one(overrides: list[str], seed: int, directory: Path) -> dict:
 
 
 # ------------------------------------------------------------------ diagnostics
-class Judges:
-    """Shape and background classifiers trained on real, group-balanced images."""
-
-    def __init__(self, work: Path) -> None:
-        from unspur.config import TrainConfig, load_config
-        from unspur.data.dataset import GroupDataset
-        from unspur.data.table import GroupTable
-        from unspur.data.transforms import eval_transform
-        from unspur.models.factory import build_model
-        from unspur.pipeline import prepare_table
-        from unspur.train.loop import fit
-
-        table = prepare_table(
-            load_config(None, BASE + ["data.options.bias=0.5", "data.options.seed=7"])
-        )
-        swapped = GroupTable(
-            frame=table.frame.assign(y=table.frame["a"], a=table.frame["y"]),
-            store=table.store,
-            class_names=table.attr_names,
-            attr_names=table.class_names,
-            name="background",
-        )
-        self.transform = eval_transform(32, 1.0, True)
-        config = TrainConfig(epochs=6, batch_size=64, optimizer="adam", lr=1e-3,
-                             weight_decay=0, augment=False, progress=False,
-                             selection="average")  # fmt: skip
-        self.models, self.accuracy = {}, {}
-        for what, source in (("shape", table), ("background", swapped)):
-            model = build_model("small_cnn", source.n_classes)
-            fit(model, GroupDataset(source.split("train"), self.transform),
-                GroupDataset(source.split("val"), self.transform), config,
-                work / f"judge_{what}", seed=0, val_group_labels=False)  # fmt: skip
-            model.eval()
-            test = GroupDataset(source.split("test"), self.transform)
-            with torch.no_grad():
-                pred = torch.cat(
-                    [model(x).argmax(1) for x, *_ in torch.utils.data.DataLoader(test, 256)]
-                )
-            self.accuracy[what] = round(100 * float((pred == test.y).float().mean()), 1)
-            self.models[what] = model
-
-    @torch.no_grad()
-    def __call__(self, images) -> dict[str, np.ndarray]:
-        x = torch.stack([self.transform(im) for im in images])
-        return {
-            what: torch.cat([m(x[i : i + 256]).argmax(1) for i in range(0, len(x), 256)]).numpy()
-            for what, m in self.models.items()
-        }
-
-
 def kept_images(run_dir: Path, mode: str):
     """The kept synthetic images of a finished mode run: frame (key, g, ...) and images."""
     import pandas as pd
@@ -330,7 +280,7 @@ def main() -> None:
         f"method.options.head={{lr: {args.head_lr}, epochs: 20}}",
         *args.set,
     ]
-    judges = Judges(args.work) if args.judge else None
+    judges = Judges(BASE, args.work) if args.judge else None
     names = ["circle / land", "circle / water", "cross / land", "cross / water"]
     # Order: every run of the first seed; then ERM and clustered_dreambooth for the other
     # seeds; then the rest (so a run cut short still has the headline comparison).

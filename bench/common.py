@@ -44,6 +44,18 @@ COLORED_MNIST = [
     "train.augment=false",
 ]
 
+#: The UTKFace CPU recipe: balanced evaluation, small CNN, Adam, 6 epochs, no augmentation.
+UTKFACE_TRAIN = [
+    "data.balance_eval=true",
+    "model.arch=small_cnn",
+    "train.epochs=6",
+    "train.optimizer=adam",
+    "train.lr=0.001",
+    "train.weight_decay=0",
+    "train.batch_size=128",
+    "train.augment=false",
+]
+
 HEADLINE = ("worst_group_accuracy", "average_accuracy", "balanced_accuracy", "accuracy")
 
 
@@ -257,3 +269,57 @@ def write_results(
         *markdown(rows),
     ]
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+
+
+class Judges:
+    """Shape and background classifiers of the synthetic benchmark, trained on real,
+    group-balanced images (an independent draw, data seed 7) of ``table_overrides``'
+    benchmark; they judge whether generated images show what their prompt asked for.
+    ``accuracy``: each judge's test accuracy on real images, in percent."""
+
+    def __init__(self, table_overrides: list[str], work: Path) -> None:
+        from unspur.config import TrainConfig
+        from unspur.data.dataset import GroupDataset
+        from unspur.data.table import GroupTable
+        from unspur.data.transforms import eval_transform
+        from unspur.models.factory import build_model
+        from unspur.pipeline import prepare_table
+        from unspur.train.loop import fit
+
+        balanced = table_overrides + ["data.options.bias=0.5", "data.options.seed=7"]
+        table = prepare_table(load_config(None, balanced))
+        swapped = GroupTable(
+            frame=table.frame.assign(y=table.frame["a"], a=table.frame["y"]),
+            store=table.store,
+            class_names=table.attr_names,
+            attr_names=table.class_names,
+            name="background",
+        )
+        self.transform = eval_transform(32, 1.0, True)
+        config = TrainConfig(epochs=6, batch_size=64, optimizer="adam", lr=1e-3,
+                             weight_decay=0, augment=False, progress=False,
+                             selection="average")  # fmt: skip
+        self.models, self.accuracy = {}, {}
+        for what, source in (("shape", table), ("background", swapped)):
+            model = build_model("small_cnn", source.n_classes)
+            fit(model, GroupDataset(source.split("train"), self.transform),
+                GroupDataset(source.split("val"), self.transform), config,
+                work / f"judge_{what}", seed=0, val_group_labels=False)  # fmt: skip
+            model.eval()
+            test = GroupDataset(source.split("test"), self.transform)
+            with torch.no_grad():
+                pred = torch.cat(
+                    [model(x).argmax(1) for x, *_ in torch.utils.data.DataLoader(test, 256)]
+                )
+            self.accuracy[what] = round(100 * float((pred == test.y).float().mean()), 1)
+            self.models[what] = model
+        self.class_names, self.attr_names = table.class_names, table.attr_names
+
+    @torch.no_grad()
+    def __call__(self, images) -> dict[str, np.ndarray]:
+        """Each judge's predicted label (shape = class, background = attribute) per image."""
+        x = torch.stack([self.transform(im) for im in images])
+        return {
+            what: torch.cat([m(x[i : i + 256]).argmax(1) for i in range(0, len(x), 256)]).numpy()
+            for what, m in self.models.items()
+        }

@@ -44,6 +44,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import (  # noqa: E402
     SYNTHETIC,
+    UTKFACE_TRAIN,
+    Judges,
     failure_notes,
     markdown,
     row,
@@ -59,14 +61,7 @@ UTKFACE = [
     "data.options.class_names=[male,female]",
     "data.options.attr_names=[child,adult]",
     "data.image_size=32",
-    "data.balance_eval=true",
-    "model.arch=small_cnn",
-    "train.epochs=6",
-    "train.optimizer=adam",
-    "train.lr=0.001",
-    "train.weight_decay=0",
-    "train.batch_size=128",
-    "train.augment=false",
+    *UTKFACE_TRAIN,
 ]
 SETTINGS: dict[str, tuple[list[str], str | None]] = {
     "synthetic-99": (BASE + ["data.options.bias=0.99"], None),
@@ -278,62 +273,22 @@ def read_json(path: Path) -> dict | None:
 
 def judge_pool(args, pool: Path, table_overrides: list[str], title: str) -> list[str]:
     """Shape and background judges (small CNNs on real, group-balanced images) on the pool."""
-    from unspur.config import TrainConfig, load_config
-    from unspur.data.dataset import GroupDataset
     from unspur.data.store import FolderStore
-    from unspur.data.table import GroupTable
-    from unspur.data.transforms import eval_transform
     from unspur.generate.store import SyntheticStore
-    from unspur.models.factory import build_model
-    from unspur.pipeline import prepare_table
-    from unspur.train.loop import fit
 
-    balanced = table_overrides + ["data.options.bias=0.5", "data.options.seed=7"]
-    table = prepare_table(load_config(None, balanced))
-    swapped = GroupTable(
-        frame=table.frame.assign(y=table.frame["a"], a=table.frame["y"]),
-        store=table.store,
-        class_names=table.attr_names,
-        attr_names=table.class_names,
-        name="background",
-    )
-    transform = eval_transform(32, 1.0, True)
-    config = TrainConfig(epochs=6, batch_size=64, optimizer="adam", lr=1e-3, weight_decay=0,
-                         augment=False, progress=False, selection="average")  # fmt: skip
-    judges, accuracy = {}, {}
-    for what, source in (("shape", table), ("background", swapped)):
-        model = build_model("small_cnn", source.n_classes)
-        fit(model, GroupDataset(source.split("train"), transform),
-            GroupDataset(source.split("val"), transform), config, args.work / f"judge_{what}",
-            seed=0, val_group_labels=False)  # fmt: skip
-        model.eval()
-        test = GroupDataset(source.split("test"), transform)
-        with torch.no_grad():
-            pred = torch.cat(
-                [model(x).argmax(1) for x, *_ in torch.utils.data.DataLoader(test, 256)]
-            )
-        accuracy[what] = float((pred == test.y).float().mean())
-        judges[what] = model
+    judges = Judges(table_overrides, args.work)
+    names = judges.class_names, judges.attr_names
     frame = SyntheticStore(pool).to_frame()
     frame = frame[frame["kept"]]
     folder = FolderStore(pool)
-    images = torch.stack([transform(folder.open(name)) for name in frame["filename"]])
-    with torch.no_grad():
-        shape = torch.cat(
-            [judges["shape"](images[i : i + 256]).argmax(1) for i in range(0, len(images), 256)]
-        )
-        background = torch.cat(
-            [
-                judges["background"](images[i : i + 256]).argmax(1)
-                for i in range(0, len(images), 256)
-            ]
-        )
-    frame = frame.assign(shape_ok=(shape.numpy() == frame["y"].to_numpy()),
-                         background_ok=(background.numpy() == frame["a"].to_numpy()))  # fmt: skip
+    labels = judges([folder.open(name) for name in frame["filename"]])
+    shape, background = labels["shape"], labels["background"]
+    frame = frame.assign(shape_ok=(shape == frame["y"].to_numpy()),
+                         background_ok=(background == frame["a"].to_numpy()))  # fmt: skip
     rows = []
     for (y, a), part in frame.groupby(["y", "a"]):
         rows.append({
-            "group": f"{table.class_names[y]} / {table.attr_names[a]}",
+            "group": f"{names[0][y]} / {names[1][a]}",
             "minority": y != a,
             "images": len(part),
             "shape right %": round(100 * part["shape_ok"].mean(), 1),
@@ -344,8 +299,8 @@ def judge_pool(args, pool: Path, table_overrides: list[str], title: str) -> list
         f"## What the generator drew: {title}",
         "",
         f"Judges: small CNNs trained on real, group-balanced images (a separate draw, seed 7); "
-        f"test accuracy on real images: shape {100 * accuracy['shape']:.1f}%, background "
-        f"{100 * accuracy['background']:.1f}%. Every kept image of the pool, by the group its "
+        f"test accuracy on real images: shape {judges.accuracy['shape']}%, background "
+        f"{judges.accuracy['background']}%. Every kept image of the pool, by the group its "
         "prompt asked for:",
         "",
         *markdown(rows),

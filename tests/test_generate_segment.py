@@ -18,6 +18,7 @@ from unspur.errors import ConfigError, UnspurError
 from unspur.generate import clip_score, segment
 from unspur.generate.clip_score import (
     ClipScorer,
+    build_tiny_clip,
     features,
     filter_score,
     group_centroid,
@@ -37,7 +38,6 @@ from unspur.generate.maskers import (
     dilate,
 )
 from unspur.generate.segment import TextPromptMasker, normalize_prompt
-from unspur.generate.tokenizer import build_tokenizer
 from unspur.models.small_cnn import SmallCNN
 
 WORDS = ["a", "photo", "of", "the", "bird", "circle", "cross", "on", "water", "land"]
@@ -167,36 +167,7 @@ def sam_dir(tmp_path_factory, offline):
 @pytest.fixture(scope="module")
 def clip_dir(tmp_path_factory, offline):
     """A CLIP with 32-wide towers on 32 px images and the offline word tokenizer, saved."""
-    from transformers import CLIPConfig, CLIPModel, CLIPProcessor
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
-
-    root = tmp_path_factory.mktemp("clip")
-    tokenizer = build_tokenizer(WORDS)
-    tower = {
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-    }
-    config = CLIPConfig(
-        text_config={
-            **tower,
-            "vocab_size": len(tokenizer),
-            "max_position_embeddings": 77,
-            "bos_token_id": tokenizer.bos_token_id,
-            "eos_token_id": tokenizer.eos_token_id,
-            "pad_token_id": tokenizer.pad_token_id,
-        },
-        vision_config={**tower, "image_size": 32, "patch_size": 8},
-        projection_dim=16,
-    )
-    torch.manual_seed(0)
-    CLIPModel(config).save_pretrained(root)
-    image_processor = CLIPImageProcessorPil(
-        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
-    )
-    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(root)
-    return root
+    return build_tiny_clip(tmp_path_factory.mktemp("clip") / "clip", WORDS)
 
 
 @pytest.fixture

@@ -259,3 +259,48 @@ class ClipScorer:
         return filter_score(
             self._label_similarity(embeddings, texts), cosine_to(embeddings, centroid), alpha
         )
+
+
+def build_tiny_clip(directory: Path, words: list[str]) -> Path:
+    """A randomly initialised 32-wide CLIP (32 px images) and its offline tokenizer, saved.
+
+    For runs and tests without CLIP weights: its embeddings carry no meaning, but every
+    code path of a real CLIP (processor, both towers, projection) runs. Reused when
+    ``directory`` already holds one.
+    """
+    from transformers import CLIPConfig, CLIPModel, CLIPProcessor
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    from unspur.generate.tokenizer import build_tokenizer
+    from unspur.io import atomic_dir
+
+    if (directory / "config.json").is_file():
+        return directory
+    tokenizer = build_tokenizer(words)
+    tower = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+             "num_attention_heads": 4}  # fmt: skip
+    config = CLIPConfig(
+        text_config={
+            **tower,
+            "vocab_size": len(tokenizer),
+            "max_position_embeddings": 77,
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id,
+        },
+        vision_config={**tower, "image_size": 32, "patch_size": 8},
+        projection_dim=16,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = CLIPModel(config)
+    processor = CLIPProcessor(
+        image_processor=CLIPImageProcessorPil(
+            size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
+        ),
+        tokenizer=tokenizer,
+    )
+    with atomic_dir(directory) as scratch:
+        model.save_pretrained(scratch)
+        processor.save_pretrained(scratch)
+    return directory
