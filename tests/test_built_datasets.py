@@ -20,6 +20,7 @@ from unspur.data.readers import corrupted_cifar10 as cc
 from unspur.data.readers import synthetic as syn
 from unspur.data.resplit import balance_groups, lff_bias_attributes, resplit_bias
 from unspur.errors import ConfigError, DataError
+from unspur.explain.masks import has_ground_truth
 
 MNIST_T10K_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
 
@@ -182,6 +183,12 @@ def test_colored_mnist_protocol(tmp_path: Path) -> None:
     image = back.store.images[row].astype(float)
     assert np.allclose(image[digit == 0] / 255, cm.PALETTE[frame["a"].iloc[row]], atol=0.04)
     assert (image[digit == 255] == 255).all()
+    # Exact core masks: the digit's strokes, row for row, in every split and variant.
+    assert has_ground_truth(table) and has_ground_truth(back)
+    mask = np.asarray(back.mask_store.open(back.frame["mask"].iloc[row]))
+    assert np.array_equal(mask > 0, digit >= cm.STROKE_THRESHOLD)
+    assert np.array_equal(table.mask_store.images, back.mask_store.images)
+    assert len(small.mask_store.images) == len(small.frame)
     with pytest.raises(ConfigError, match="colour_on"):
         load_dataset("colored_mnist", tmp_path, colour_on="stripes")
 
