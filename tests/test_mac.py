@@ -21,7 +21,7 @@ from unspur.explain.masks import (
     top_k_mask,
 )
 from unspur.explain.xgradcam import cam_from, xgradcam
-from unspur.methods.mac import MaCObjective
+from unspur.methods.mac import MaCObjective, integrated_gradients_map
 from unspur.models.checkpoint import load_checkpoint
 from unspur.models.small_cnn import MLP, SmallCNN
 from unspur.pipeline import run
@@ -139,7 +139,8 @@ def _quadrant_data(n, generator):
     return x, y
 
 
-def test_xgradcam_concentrates_on_the_region_that_decides():
+@pytest.mark.parametrize("saliency", ["xgradcam", "integrated_gradients"])
+def test_saliency_concentrates_on_the_region_that_decides(saliency):
     torch.manual_seed(0)
     generator = torch.Generator().manual_seed(0)
     model = SmallCNN(2, widths=[8, 8])
@@ -155,7 +156,10 @@ def test_xgradcam_concentrates_on_the_region_that_decides():
     assert (model(x).argmax(1) == y).float().mean() > 0.9
     optimizer.zero_grad(set_to_none=True)
     model.freeze_backbone()  # frozen parameters still give activation gradients
-    cam = xgradcam(model, x, y)
+    if saliency == "xgradcam":
+        cam = xgradcam(model, x, y)
+    else:
+        cam = integrated_gradients_map(model, x, y, n_steps=16)
     assert cam.shape == (64, 16, 16) and (cam >= 0).all()
     share = cam[:, :8, :8].sum((1, 2)) / cam.sum((1, 2)).clamp_min(1e-12)
     assert share.mean() > 0.6  # a uniform map would put 0.25 there
@@ -304,6 +308,30 @@ def test_mac_search_with_cached_views_and_ground_truth_masks(tmp_path):
     quality = __import__("pandas").read_csv(tmp_path / "mac" / "mask_quality.csv")
     overall = quality[quality["name"] == "all"].iloc[0]
     assert overall.mask_fg > overall.mask_bg
+
+
+def test_mac_with_integrated_gradients_masks(tmp_path):
+    config = load_config(
+        None,
+        DEBUG
+        + [
+            "method.name=mac",
+            "method.options.saliency=integrated_gradients",
+            "method.options.ig_steps=4",
+            "method.options.top_k=0.2",
+            "method.options.search=false",
+            "method.options.epochs=1",
+            "method.options.figures=0",
+        ],
+    )
+    run(config, tmp_path)
+    info = json.loads((tmp_path / "mac" / "masks.json").read_text())
+    assert info["saliency"] == "integrated_gradients"
+    assert info["fraction"] == pytest.approx(0.2, abs=0.01)
+    assert (tmp_path / "mac" / "mask_quality.csv").is_file()
+    bad = load_config(None, DEBUG + ["method.name=mac", "method.options.ig_steps=0"])
+    with pytest.raises(ConfigError, match="ig_steps"):
+        run(bad, tmp_path / "bad")
 
 
 def test_mac_on_a_model_without_conv_layer_fails_clearly(tmp_path):
