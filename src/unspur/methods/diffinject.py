@@ -68,9 +68,10 @@ Choices where the paper is ambiguous or silent (all options):
   h of the process being generated, so the injected h feeds the next step
   (InjectFusion's recursive injection); the norm is the style side's, per sample
   (``norm="first"`` of :func:`~unspur.generate.hspace.slerp`). These values assume a
-  U-Net whose decoder reads h, as the large pretrained ADMs do; a small DDPM trained
-  briefly may route the content around h through the skip connections, then no value
-  carries it (``bench/results/diffinject.md`` measures this).
+  U-Net whose decoder reads h, as the large pretrained ADMs do; a small DDPM (one res
+  block per level, no attention) routes the content around h through the skip
+  connections, even after 10000 CPU steps, and then no value carries it
+  (``bench/results/diffinject.md`` and ``diffinject_10k.md`` measure this).
 * *DDPM.* The paper uses an ADM-like U-Net trained with P2; its size and schedule are
   not restated. Defaults here are a CPU-sized U-Net (channels (32, 64, 64), 32 px)
   with P2's learning rate 2e-5, batch 8 and EMA 0.9999 (the P2 README); ``ddpm_steps``
