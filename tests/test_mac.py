@@ -230,6 +230,12 @@ def test_adaptive_mask_size_picks_the_elbow():
 
 
 # ---------------------------------------------------------- methods end to end
+def mac_config(*options: str):
+    """The debug run of MaC with ``KEY=VALUE`` method options."""
+    overrides = ["method.name=mac", *(f"method.options.{o}" for o in options)]
+    return load_config(None, DEBUG + overrides)
+
+
 def _backbone_and_head(model):
     head = {k: v.clone() for k, v in model.head.state_dict().items()}
     backbone = {
@@ -245,16 +251,7 @@ def _same(a, b):
 
 
 def test_mac_trains_only_the_head_and_writes_its_artefacts(tmp_path):
-    config = load_config(
-        None,
-        DEBUG
-        + [
-            "method.name=mac",
-            "method.options.search=false",
-            "method.options.epochs=2",
-            "method.options.figures=4",
-        ],
-    )
+    config = mac_config("search=false", "epochs=2", "figures=4")
     results = run(config, tmp_path)
     erm = load_checkpoint(tmp_path / "erm" / "best")
     final = load_checkpoint(tmp_path / "model")
@@ -281,21 +278,16 @@ def test_mac_trains_only_the_head_and_writes_its_artefacts(tmp_path):
 
 
 def test_mac_search_with_cached_views_and_ground_truth_masks(tmp_path):
-    config = load_config(
-        None,
-        DEBUG
-        + [
-            "method.name=mac",
-            "method.options.saliency=ground_truth",
-            "method.options.mask_size=adaptive",
-            "method.options.adaptive_samples=32",
-            "method.options.search=true",
-            "method.options.alpha_grid=[0,1]",
-            "method.options.beta_grid=[2]",
-            "method.options.views=2",
-            "method.options.epochs=2",
-            "method.options.figures=0",
-        ],
+    config = mac_config(
+        "saliency=ground_truth",
+        "mask_size=adaptive",
+        "adaptive_samples=32",
+        "search=true",
+        "alpha_grid=[0,1]",
+        "beta_grid=[2]",
+        "views=2",
+        "epochs=2",
+        "figures=0",
     )
     run(config, tmp_path)
     summary = json.loads((tmp_path / "mac" / "search.json").read_text())
@@ -311,25 +303,20 @@ def test_mac_search_with_cached_views_and_ground_truth_masks(tmp_path):
 
 
 def test_mac_with_integrated_gradients_masks(tmp_path):
-    config = load_config(
-        None,
-        DEBUG
-        + [
-            "method.name=mac",
-            "method.options.saliency=integrated_gradients",
-            "method.options.ig_steps=4",
-            "method.options.top_k=0.2",
-            "method.options.search=false",
-            "method.options.epochs=1",
-            "method.options.figures=0",
-        ],
+    config = mac_config(
+        "saliency=integrated_gradients",
+        "ig_steps=4",
+        "top_k=0.2",
+        "search=false",
+        "epochs=1",
+        "figures=0",
     )
     run(config, tmp_path)
     info = json.loads((tmp_path / "mac" / "masks.json").read_text())
     assert info["saliency"] == "integrated_gradients"
     assert info["fraction"] == pytest.approx(0.2, abs=0.01)
     assert (tmp_path / "mac" / "mask_quality.csv").is_file()
-    bad = load_config(None, DEBUG + ["method.name=mac", "method.options.ig_steps=0"])
+    bad = mac_config("ig_steps=0")
     with pytest.raises(ConfigError, match="ig_steps"):
         run(bad, tmp_path / "bad")
 
@@ -355,17 +342,7 @@ def test_masktune_changes_the_backbone(tmp_path):
 
 def test_mac_ground_truth_masks_are_used_exactly(tmp_path):
     """A binary ground-truth map is the mask itself: no top-K speckle of background."""
-    config = load_config(
-        None,
-        DEBUG
-        + [
-            "method.name=mac",
-            "method.options.saliency=ground_truth",
-            "method.options.search=false",
-            "method.options.epochs=1",
-            "method.options.figures=0",
-        ],
-    )
+    config = mac_config("saliency=ground_truth", "search=false", "epochs=1", "figures=0")
     run(config, tmp_path)
     quality = __import__("pandas").read_csv(tmp_path / "mac" / "mask_quality.csv")
     overall = quality[quality["name"] == "all"].iloc[0]
