@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from unspur.methods import available_methods
+
 sys.path.insert(0, str(Path(__file__).parent))
 from common import (  # noqa: E402
     COLORED_MNIST,
@@ -104,8 +106,6 @@ def quality_notes(tables: list[pd.DataFrame]) -> list[str]:
 def main() -> int:
     args = bench_arguments(__doc__.splitlines()[0], "mac", methods=METHODS)
     methods = args.methods.split(",")
-    from unspur.methods import available_methods
-
     unknown = sorted(set(methods) - set(VARIANTS) - set(available_methods()))
     if unknown:  # before any model is trained
         raise SystemExit(f"unknown method(s) {', '.join(unknown)}; variants: {', '.join(VARIANTS)}")

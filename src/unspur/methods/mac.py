@@ -12,9 +12,10 @@ The recipe, stage by stage (files under ``out_dir/mac``):
    channel sum, positive part: a pixel-sharp map where the CAM of a small network's last
    block is a few cells wide; the paper's text names xGradCAM, the issue asks for the
    conversion to accept other saliency sources) or ``saliency: ground_truth`` (the
-   dataset's core masks, e.g. the synthetic benchmark's, used as they are: a binary map has no
-   ranking inside the object or the background, so a top-K of it would add randomly
-   tie-broken background speckles that still show the background's colour; give
+   dataset's core masks, e.g. the synthetic shapes or Colored MNIST's strokes, used as
+   they are: a binary map has no ranking inside the object or the background, so a
+   top-K of it would add randomly tie-broken background speckles that still show the
+   background's colour; give
    ``top_k`` explicitly to force a top-K of the ground truth). For xGradCAM and IG the
    ``top_k`` highest-scoring pixels form the mask (:func:`unspur.explain.masks.top_k_mask`): default the paper's 15000 of
    224x224 pixels as a fraction (29.9%) at any image size; an ``int`` is a count, a
