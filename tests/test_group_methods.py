@@ -300,6 +300,27 @@ def test_lff_pair_checkpoint_round_trip(tmp_path):
     assert pair.cam_layer is pair.debiased.cam_layer
 
 
+def test_lff_biased_and_debiased_models_start_from_independent_weights(tmp_path):
+    """alinlab/LfF builds model_b and model_d as two draws; ours reseeded both alike."""
+    from helpers import DEBUG
+
+    from unspur.config import load_config
+    from unspur.pipeline import run
+
+    config = load_config(None, DEBUG + ["method.name=lff", "train.epochs=0"])
+    run(config, tmp_path / "a")
+    pair = load_checkpoint(tmp_path / "a" / "lff" / "best")  # the pair at initialisation
+    assert isinstance(pair, LfFPair)
+    biased, debiased = pair.biased.state_dict(), pair.debiased.state_dict()
+    assert biased.keys() == debiased.keys()
+    weights = [k for k, v in biased.items() if v.is_floating_point() and v.std() > 0]
+    assert weights and all(not torch.equal(biased[k], debiased[k]) for k in weights)
+    run(config, tmp_path / "b")  # still a function of the run's seed alone
+    again = load_checkpoint(tmp_path / "b" / "lff" / "best")
+    for key, value in pair.state_dict().items():
+        assert torch.equal(value, again.state_dict()[key]), key
+
+
 # --------------------------------------------------------- resume through the loop
 def tiny_sets():
     rng = np.random.default_rng(0)

@@ -92,6 +92,9 @@ class LfF(Method):
     (the official code logs validation accuracy of the debiased model every epoch and
     keeps the last one; use ``train.selection=last`` for that rule).
 
+    The two models start from independent initialisations (:func:`independent_pair`),
+    as ``model_b`` and ``model_d`` of the official ``train.py``.
+
     Options: ``q`` = 0.7, ``ema_alpha`` = 0.7 (official code). Training settings are the
     train config's: the official code uses Adam, lr 1e-3, weight decay 0, batch 256 for
     Colored MNIST (MLP, 100 epochs) and Corrupted CIFAR-10 (ResNet-20, 200 epochs), and
@@ -110,6 +113,24 @@ class LfF(Method):
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"lff: options q and ema_alpha must be numbers ({exc})") from exc
         objective = LfFObjective(context.train.y, context.train.n_classes, q=q, ema_alpha=ema_alpha)
-        pair = LfFPair(context.build_model(), context.build_model())
+        pair = independent_pair(context)
         result = context.fit(pair, "lff", objective=objective)
         return pair.debiased, result
+
+
+def independent_pair(context: RunContext) -> LfFPair:
+    """The biased and the debiased model, two *independent* initialisations.
+
+    The official ``train.py`` builds ``model_b`` and then ``model_d`` with two calls of
+    ``get_model`` on one random stream: two different draws of the initial weights
+    (pretrained backbones, as for CelebA's ResNet-18, are shared; the fresh parts are
+    not). ``context.build_model()`` reseeds with the run's seed before every build, so
+    calling it twice gives two identical models. The biased model is therefore the run's
+    usual first model and the debiased one is built right after it from the same,
+    continuing stream, exactly as the official code draws them; both still depend on the
+    run's seed alone.
+    """
+    biased = context.build_model()
+    model = context.config.model
+    debiased = build_model(model.arch, biased.n_classes, model.pretrained, **model.options)
+    return LfFPair(biased, debiased)
