@@ -20,41 +20,122 @@ import pandas as pd
 from unspur.data.table import GroupTable, require_nonempty_groups
 from unspur.errors import ConfigError, DataError
 
+#: Our choice: the relative-share rule decides only a clear association. The product over
+#: classes of (best relative share / runner-up) must reach this; for two classes and two
+#: attributes that product is the odds ratio of the 2x2 table (CelebA Blond_Hair/Male:
+#: 15.4, UTKFace gender/age: 1.27, i.e. no real direction).
+MIN_ASSOCIATION = 2.0
+MAJORITY_RULES = ("auto", "largest")
+
+
+def resolve_attribute(table: GroupTable, value: object, where: str) -> int:
+    """An attribute id from an id or a name (exact, case-insensitive, or the name before
+    a parenthesis: ``child`` for ``child (age<=10)``)."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{where}: {value!r} is not an attribute id or name")
+    if isinstance(value, int | np.integer):
+        if not 0 <= int(value) < table.n_attrs:
+            raise ConfigError(
+                f"{where}: attribute id {value} is outside 0..{table.n_attrs - 1} "
+                f"({', '.join(table.attr_names)})"
+            )
+        return int(value)
+    text = " ".join(str(value).replace("_", " ").lower().split())
+    for index, name in enumerate(table.attr_names):
+        plain = " ".join(str(name).replace("_", " ").lower().split())
+        if text in (plain, plain.split(" (")[0]):
+            return index
+    raise ConfigError(
+        f"{where}: {value!r} is not an attribute of {table.name}; use one of "
+        f"{', '.join(map(repr, table.attr_names))} (or its id)"
+    )
+
+
+def _declared(table: GroupTable, declared: object, where: str) -> dict[int, int]:
+    """One attribute per class from a list (by class index) or a mapping by class name."""
+    if isinstance(declared, dict):
+        by_name = {str(k).lower(): v for k, v in declared.items()}
+        missing = [c for c in table.class_names if str(c).lower() not in by_name]
+        if missing:
+            raise ConfigError(f"{where}: no majority attribute for class(es) {missing}")
+        declared = [by_name[str(c).lower()] for c in table.class_names]
+    if not isinstance(declared, list | tuple) or len(declared) != table.n_classes:
+        raise ConfigError(
+            f"{where} needs one attribute per class ({table.n_classes}: "
+            f"{', '.join(table.class_names)}), got {declared!r}"
+        )
+    return {
+        label: resolve_attribute(table, attr, f"{where} of class {table.class_names[label]!r}")
+        for label, attr in enumerate(declared)
+    }
+
 
 def majority_attributes(
-    table: GroupTable, split: str = "train", majority: Sequence[int] | None = None
+    table: GroupTable,
+    split: str = "train",
+    majority: Sequence[object] | dict | None = None,
+    rule: str | None = None,
 ) -> dict[int, int]:
-    """The bias-aligned attribute of each class.
+    """The bias-aligned (majority) attribute of each class, and never a silent guess.
 
-    In order: ``majority`` when given (one attribute id per class); the reader's own
-    declaration ``table.info["majority_attr"]`` (a list of ids); the most populous
-    attribute of each class of ``split`` when those differ between classes. When two
-    classes share their most populous attribute (UTKFace: adults dominate both genders)
-    there is no spurious correlation to amplify, so the diagonal ``a = y mod n_attrs``
-    is used; the choice is recorded in ``info`` by :func:`resplit_bias`.
+    In order:
+
+    1. ``majority`` when given: one attribute (id or name) per class, or a mapping from
+       class name to attribute;
+    2. the reader's declaration ``table.info["majority_attr"]`` (same forms; the
+       ``celeba``, ``celeba_hq`` and ``utkface`` readers set it from their ``majority``
+       option and their per-dataset presets);
+    3. the data of ``split``. ``rule="largest"`` (``table.info["majority_rule"]``) is the
+       official FFR code's ``make_harder``: each class's largest group, even when two
+       classes share it (UTKFace in FFR: adults are the majority of both genders).
+       ``rule="auto"`` (default) takes each class's largest group when those differ
+       between classes (Waterbirds, SpuCo Animals); when classes share their largest
+       attribute it takes, per class, the group largest *relative to its attribute's
+       share*, ``argmax_a n(c, a) / n(a)``: CelebA Blond_Hair/Male, where women are the
+       largest group of both classes, gets blond -> women and non-blond -> men. That
+       rule must give every class its own attribute with a clear association
+       (:data:`MIN_ASSOCIATION`); otherwise :class:`DataError` says how to declare it.
     """
-    declared = majority if majority is not None else table.info.get("majority_attr")
-    if isinstance(declared, list | tuple) and len(declared) == table.n_classes:
-        for label, attr in enumerate(declared):
-            if not 0 <= int(attr) < table.n_attrs:
-                raise ConfigError(
-                    f"majority attribute {attr} of class {table.class_names[label]!r} is "
-                    f"outside 0..{table.n_attrs - 1}"
-                )
-        return {label: int(attr) for label, attr in enumerate(declared)}
     if majority is not None:
-        raise ConfigError(
-            f"majority needs one attribute id per class ({table.n_classes}), got {majority!r}"
-        )
+        return _declared(table, majority, "majority")
+    declared = table.info.get("majority_attr")
+    if declared is not None:
+        return _declared(table, declared, f"{table.name}: info['majority_attr']")
+    rule = rule or table.info.get("majority_rule") or "auto"
+    if rule not in MAJORITY_RULES:
+        raise ConfigError(f"majority rule {rule!r} is not one of {', '.join(MAJORITY_RULES)}")
     part = table.frame[table.frame["split"] == split]
-    result = {}
-    for label in range(table.n_classes):
-        counts = np.bincount(part.loc[part["y"] == label, "a"], minlength=table.n_attrs)
-        if counts.sum() > 0:
-            result[label] = int(np.argmax(counts))
-    if len(set(result.values())) < len(result) and table.n_attrs >= table.n_classes:
-        return {label: label % table.n_attrs for label in result}
-    return result
+    counts = np.zeros((table.n_classes, table.n_attrs), dtype=np.float64)
+    np.add.at(counts, (part["y"].to_numpy(), part["a"].to_numpy()), 1)
+    present = [label for label in range(table.n_classes) if counts[label].sum() > 0]
+    largest = {label: int(np.argmax(counts[label])) for label in present}
+    distinct = len(set(largest.values())) == len(largest)
+    if rule == "largest" or distinct or table.n_attrs < len(present):
+        return largest
+    shares = counts.sum(axis=0)
+    relative = np.divide(counts, shares, out=np.zeros_like(counts), where=shares > 0)
+    chosen: dict[int, int] = {}
+    association = 1.0
+    for label in present:
+        order = np.argsort(-relative[label], kind="stable")
+        best, runner = relative[label, order[0]], relative[label, order[1]]
+        chosen[label] = int(order[0])
+        association *= best / runner if runner > 0 else np.inf
+    if len(set(chosen.values())) == len(chosen) and association >= MIN_ASSOCIATION:
+        return chosen
+    counted = "; ".join(
+        f"{table.class_names[c]}: "
+        + ", ".join(f"{table.attr_names[a]} {int(counts[c, a])}" for a in range(table.n_attrs))
+        for c in present
+    )
+    raise DataError(
+        f"{table.name}: cannot tell the majority (bias-aligned) attribute of each class "
+        f"from split {split!r} ({counted}): the classes share their largest attribute "
+        f"and their association with the attributes is weak (strength {association:.2f} "
+        f"< {MIN_ASSOCIATION}). Declare it: data.options.majority (readers utkface, "
+        "celeba, celeba_hq: one attribute name per class, or a preset such as "
+        "majority: ffr / cdb for utkface), or resplit_bias(..., majority=[...])"
+    )
 
 
 def _allocate(sizes: np.ndarray, total: int) -> np.ndarray:
@@ -80,13 +161,15 @@ def resplit_bias(
     ratio: float,
     seed: int = 0,
     split: str = "train",
-    majority: Sequence[int] | None = None,
+    majority: Sequence[object] | dict | None = None,
+    rule: str | None = None,
 ) -> GroupTable:
     """Drop conflicting samples of ``split`` until each class's majority group makes
     ``ratio`` of the class (FFR protocol: 0.95, 0.97, 0.99, 0.999).
 
     The majority (bias-aligned) attribute of each class is chosen by
-    :func:`majority_attributes` (``majority`` overrides it). For
+    :func:`majority_attributes` (``majority`` overrides it, ``rule`` picks the data
+    rule; the choice and where it came from are in ``info["resplit_bias"]``). For
     each class the number of conflicting samples kept is ``round(n_major * (1 - ratio) /
     ratio)``, shared over the conflicting groups in proportion to their sizes. At least
     one sample of every non-empty group is kept, so no group vanishes; when the ratio
@@ -105,7 +188,13 @@ def resplit_bias(
     rng = np.random.default_rng(seed)
     y = frame["y"].to_numpy()
     a = frame["a"].to_numpy()
-    majority = majority_attributes(table, split, majority)
+    if majority is not None:
+        source = "argument"
+    elif table.info.get("majority_attr") is not None:
+        source = table.info.get("majority_source", "declared by the reader")
+    else:
+        source = f"data rule {rule or table.info.get('majority_rule') or 'auto'}"
+    majority = majority_attributes(table, split, majority, rule)
     drop = np.zeros(len(frame), dtype=bool)
     dropped: dict[str, int] = {}
     achieved: dict[str, float] = {}
@@ -150,6 +239,7 @@ def resplit_bias(
         "split": split,
         "seed": seed,
         "majority_attr": {table.class_names[c]: table.attr_names[m] for c, m in majority.items()},
+        "majority_source": source,
         "dropped": dropped,
         "n_dropped": int(drop.sum()),
         "achieved_ratio": achieved,

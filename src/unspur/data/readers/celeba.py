@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -32,6 +33,23 @@ from unspur.data.table import GroupTable
 from unspur.errors import ConfigError, DataError
 
 PARTITIONS = {0: "train", 1: "val", 2: "test"}
+
+#: The bias-aligned (majority) bias value of each class, in class order (not target,
+#: target), for the (target, bias) pairs the papers use; ``resplit_bias`` reads it.
+#: Blond_Hair/Male: Clustered DreamBooth A.6 ("blond males from blond female models, and
+#: non-blond females from non-blond male models": blond -> women, non-blond -> men; the
+#: group_DRO minority is blond men). Smiling/Male: the official FFR code's rule
+#: (``datasets/celeba.py``: the smaller group of the positive class is its minority and
+#: the negative class takes the other bias value as minority): women outnumber men among
+#: the smiling faces of CelebA-HQ, so Smiling -> women, not Smiling -> men.
+MAJORITY_PRESETS: dict[tuple[str, str], tuple[str, str]] = {
+    ("Blond_Hair", "Male"): ("Male", "not Male"),
+    ("Smiling", "Male"): ("Male", "not Male"),
+}
+MAJORITY_SOURCES = {
+    ("Blond_Hair", "Male"): "celeba preset (Clustered DreamBooth A.6)",
+    ("Smiling", "Male"): "celeba preset (official FFR code, datasets/celeba.py)",
+}
 
 
 def _first_file(*candidates: Path) -> Path | None:
@@ -150,6 +168,29 @@ def _images_dir(root: Path) -> Path | None:
     return None
 
 
+def majority_info(target: str, bias: str, majority: Any, dataset: str) -> dict[str, Any]:
+    """``info`` entries declaring each class's majority bias value for ``resplit_bias``.
+
+    ``majority``: ``None`` takes :data:`MAJORITY_PRESETS` for a known (target, bias)
+    pair (else the data decide); ``"data"`` always lets the data decide; a list of two
+    bias names or ids (for class "not target", then "target") declares it.
+    """
+    if majority is None:
+        preset = MAJORITY_PRESETS.get((target, bias))
+        if preset is None:
+            return {}
+        return {"majority_attr": list(preset), "majority_source": MAJORITY_SOURCES[(target, bias)]}
+    if majority == "data":
+        return {}
+    if not isinstance(majority, list | tuple) or len(majority) != 2:
+        raise ConfigError(
+            f"dataset {dataset!r}: majority={majority!r} must be null (preset), 'data', or "
+            f"two bias values (for 'not {target}' and '{target}'), e.g. "
+            f"[{bias}, not {bias}]"
+        )
+    return {"majority_attr": list(majority), "majority_source": "data.options.majority"}
+
+
 def _table(
     frame: pd.DataFrame,
     target: str,
@@ -183,12 +224,18 @@ def _table(
 
 @reader("celeba")
 def read_celeba(
-    root: Path, target: str = "Blond_Hair", bias: str = "Male", check_files: bool = True
+    root: Path,
+    target: str = "Blond_Hair",
+    bias: str = "Male",
+    check_files: bool = True,
+    majority: Any = None,
 ) -> GroupTable:
     """CelebA with y = ``target`` and a = ``bias`` (default Blond_Hair x Male, as in
     group_DRO), split by the official ``list_eval_partition``.
 
     ``check_files`` checks that every image is in the image folder (one listing).
+    ``majority`` declares each class's bias-aligned value for a bias-ratio resplit
+    (:func:`majority_info`; default: the preset of the pair, if any).
     """
     root = require_root(root, "celeba")
     attr_path = _first_file(
@@ -229,7 +276,12 @@ def read_celeba(
             f"celeba: {int(unsplit.sum())} image(s) in {attr_path.name} have no row in "
             f"{part_path.name} (first: {examples}); use the two files from one release"
         )
-    info = {"attributes": names, "attr_file": str(attr_path), "partition_file": str(part_path)}
+    info = {
+        "attributes": names,
+        "attr_file": str(attr_path),
+        "partition_file": str(part_path),
+        **majority_info(target, bias, majority, "celeba"),
+    }
     return _table(merged, target, bias, images, root, "celeba", info, check_files)
 
 
@@ -242,8 +294,10 @@ def read_celeba_hq(
     test_fraction: float = 0.1,
     seed: int = 0,
     check_files: bool = True,
+    majority: Any = None,
 ) -> GroupTable:
-    """CelebA-HQ as released in CelebAMask-HQ: y = ``target``, a = ``bias``.
+    """CelebA-HQ as released in CelebAMask-HQ: y = ``target``, a = ``bias`` (FFR:
+    Smiling x Male, section 4; ``majority`` as for ``celeba``).
 
     ``root`` holds ``CelebAMask-HQ-attribute-anno.txt`` and ``CelebA-HQ-img/`` (or a
     ``CelebAMask-HQ/`` folder that does). CelebA-HQ has no split of its own: when the
@@ -294,5 +348,9 @@ def read_celeba_hq(
         keyed = frame.assign(y=frame[target], a=frame[bias])
         frame["split"] = assign_splits(keyed, val_fraction, test_fraction, seed)
         split_source = f"seeded (seed={seed}, val={val_fraction}, test={test_fraction})"
-    info = {"attributes": names, "split_source": split_source}
+    info = {
+        "attributes": names,
+        "split_source": split_source,
+        **majority_info(target, bias, majority, "celeba_hq"),
+    }
     return _table(frame, target, bias, images, root, "celeba_hq", info, check_files)

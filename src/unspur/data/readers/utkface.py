@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import tarfile
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from unspur.data.layout import (
@@ -29,6 +31,18 @@ from unspur.data.table import GroupTable
 from unspur.errors import ConfigError, DataError
 
 RACES = ["White", "Black", "Asian", "Indian", "Others"]
+#: Majority (bias-aligned) age of each gender for a bias-ratio resplit (target gender,
+#: bias age), in class order (male, female). ``ffr``: the official FFR code's
+#: ``make_harder`` keeps each class's largest group, adults for both genders (children
+#: are the minority of both); ``cdb``: Clustered DreamBooth A.3 / A.6, males biased
+#: towards children and females towards adults (female children and male adults are the
+#: bias-conflicting groups).
+MAJORITY_PRESETS = {"ffr": ("adult", "adult"), "cdb": ("child", "adult")}
+#: Clustered DreamBooth A.3, the "original" UTKFace training split (90% bias): images
+#: per group (y, a) in group order (male child, male adult, female child, female adult);
+#: the paper lists them as 103 male adults, 934 male children, 5730 female adults and
+#: 636 female children.
+TRAIN_GROUP_PRESETS = {"cdb_original": (934, 103, 636, 5730)}
 ATTRIBUTES = ("gender", "age", "race")
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
 
@@ -78,6 +92,8 @@ def read_utkface(
     test_fraction: float = 0.2,
     seed: int = 0,
     archive: str = "UTKFace.tar.gz",
+    majority: Any = None,
+    train_groups: Any = None,
 ) -> GroupTable:
     """UTKFace with y = ``target`` and a = ``bias``, each one of gender, age and race.
 
@@ -91,6 +107,15 @@ def read_utkface(
     split is drawn by ``seed``, stratified by group (y, a) so every group keeps
     ``val_fraction`` (0.1) and ``test_fraction`` (0.2) of its images; resplit to a given
     bias ratio downstream if a protocol needs one.
+
+    ``majority`` declares each class's bias-aligned value for that resplit: a preset name
+    (:data:`MAJORITY_PRESETS`: ``ffr``, ``cdb``) or one bias value per class (names such
+    as ``child`` / ``adult`` or ids). Without it the resplit decides from the data and
+    refuses gender x age, where the association is too weak to have a direction.
+
+    ``train_groups`` subsamples the training split (drawn by ``seed``) to fixed group
+    sizes: ``cdb_original`` (:data:`TRAIN_GROUP_PRESETS`, Clustered DreamBooth A.3, gender
+    x age only; declares ``majority: cdb`` unless given) or four counts in group order.
     """
     if root is None:
         raise ConfigError(
@@ -153,6 +178,11 @@ def read_utkface(
     frame = pd.DataFrame(records, columns=["filename", "y", "a", "age", "gender", "race"])
     frame = frame.astype({"y": "int64", "a": "int64"})
     frame.insert(3, "split", assign_splits(frame, val_fraction, test_fraction, seed))
+    preset_name = train_groups if isinstance(train_groups, str) else None
+    if train_groups is not None:
+        frame = _subsample_train(frame, train_groups, target, bias, seed)
+        if majority is None and preset_name == "cdb_original":
+            majority = "cdb"
 
     if members is not None:
         kept = set(frame["filename"])
@@ -166,7 +196,10 @@ def read_utkface(
         "malformed_examples": malformed[:10],
         "dropped_by_age": dropped,
         "split_source": f"seeded (seed={seed}, val={val_fraction}, test={test_fraction})",
+        **_majority_info(majority, target, bias),
     }
+    if train_groups is not None:
+        info["train_groups"] = preset_name or [int(n) for n in train_groups]
     return GroupTable(
         frame=frame,
         store=store,
@@ -175,6 +208,74 @@ def read_utkface(
         name="utkface",
         info=info,
     )
+
+
+def _majority_info(majority: Any, target: str, bias: str) -> dict[str, Any]:
+    if majority is None:
+        return {}
+    if isinstance(majority, str):
+        if majority not in MAJORITY_PRESETS:
+            raise ConfigError(
+                f"dataset 'utkface': majority={majority!r} is not a preset "
+                f"({', '.join(MAJORITY_PRESETS)}) nor one bias value per class"
+            )
+        if (target, bias) != ("gender", "age"):
+            raise ConfigError(
+                f"dataset 'utkface': majority preset {majority!r} is for target gender, bias "
+                f"age (not {target}/{bias}); give one bias value per class instead"
+            )
+        source = {"ffr": "official FFR code (make_harder)", "cdb": "Clustered DreamBooth A.3"}
+        return {
+            "majority_attr": list(MAJORITY_PRESETS[majority]),
+            "majority_source": f"utkface preset {majority!r} ({source[majority]})",
+        }
+    if not isinstance(majority, list | tuple):
+        raise ConfigError(
+            f"dataset 'utkface': majority={majority!r} must be a preset name or a list "
+            "with one bias value per class"
+        )
+    return {"majority_attr": list(majority), "majority_source": "data.options.majority"}
+
+
+def _subsample_train(
+    frame: pd.DataFrame, train_groups: Any, target: str, bias: str, seed: int
+) -> pd.DataFrame:
+    """Keep exactly ``train_groups`` training images per group (group order), by ``seed``."""
+    if isinstance(train_groups, str):
+        if train_groups not in TRAIN_GROUP_PRESETS:
+            raise ConfigError(
+                f"dataset 'utkface': train_groups={train_groups!r} is not one of "
+                f"{', '.join(TRAIN_GROUP_PRESETS)} (or a list of counts per group)"
+            )
+        if (target, bias) != ("gender", "age"):
+            raise ConfigError(
+                f"dataset 'utkface': train_groups={train_groups!r} is the gender x age split"
+            )
+        wanted = list(TRAIN_GROUP_PRESETS[train_groups])
+    else:
+        wanted = list(train_groups) if isinstance(train_groups, list | tuple) else []
+    n_attrs = len(_names(bias, 0, 1))
+    n_groups = len(_names(target, 0, 1)) * n_attrs
+    if len(wanted) != n_groups or not all(
+        isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in wanted
+    ):
+        raise ConfigError(
+            f"dataset 'utkface': train_groups needs {n_groups} non-negative counts (one per "
+            f"group, in group order), got {train_groups!r}"
+        )
+    rng = np.random.default_rng([abs(int(seed)), 3])
+    groups = (frame["y"] * n_attrs + frame["a"]).to_numpy()
+    train = (frame["split"] == "train").to_numpy()
+    drop = np.zeros(len(frame), dtype=bool)
+    for g, n in enumerate(wanted):
+        members = np.flatnonzero(train & (groups == g))
+        if len(members) < n:
+            raise DataError(
+                f"utkface: train_groups asks for {n} training images of group {g} but the "
+                f"split has {len(members)}; lower val_fraction/test_fraction"
+            )
+        drop[rng.permutation(members)[n:]] = True
+    return frame[~drop].reset_index(drop=True)
 
 
 def _read_archive(path: Path) -> dict[str, bytes]:
