@@ -438,3 +438,62 @@ def test_keep_top_fraction_keeps_the_ceiling_of_the_share():
     with pytest.raises(ConfigError, match="fraction"):
         keep_top_fraction(scores, 0.0)
     assert clip_score.KEEP_FRACTION == 0.75
+
+
+# ------------------------------------------------------- box selection, imports
+def test_select_boxes_best_first_union():
+    boxes = np.array([[0, 0, 5, 5], [1, 1, 9, 9], [2, 2, 4, 4]], dtype=np.float32)
+    scores = np.array([0.4, 0.9, 0.6])
+    assert segment.select_boxes(boxes, scores, "best").tolist() == [[1, 1, 9, 9]]
+    assert segment.select_boxes(boxes, scores, "first").tolist() == [[0, 0, 5, 5]]
+    assert segment.select_boxes(boxes, scores, "union").shape == (3, 4)
+    with pytest.raises(ConfigError, match="box_selection"):
+        segment.select_boxes(boxes, scores, "largest")
+
+
+def test_langsam_defaults_are_the_papers_checkpoints():
+    # DBB section 4.1 (footnote 1): LangSAM = GroundingDINO Swin-B + SAM ViT-H.
+    assert segment.DEFAULT_DETECTOR == "IDEA-Research/grounding-dino-base"
+    assert segment.DEFAULT_SEGMENTER == "facebook/sam-vit-huge"
+    import inspect
+
+    parameters = inspect.signature(TextPromptMasker.__init__).parameters
+    assert parameters["box_selection"].default == "best"
+
+
+def test_masker_uses_the_highest_scoring_box_by_default(detector_dir, sam_dir):
+    images = _images()[:2]
+    best = TextPromptMasker(detector_dir, sam_dir, box_threshold=0.0, device="cpu")
+    first = TextPromptMasker(
+        detector_dir, sam_dir, box_threshold=0.0, device="cpu", box_selection="first"
+    )
+    union = TextPromptMasker(
+        detector_dir, sam_dir, box_threshold=0.0, device="cpu", box_selection="union"
+    )
+    for image, b, f, u in zip(
+        images, best.masks(images, "bird"), first.masks(images, "bird"), union.masks(images, "bird")
+    ):
+        boxes, scores = np.array(b.boxes), np.array(b.scores)
+        top = boxes[int(np.argmax(scores))][None]
+        (expected_best,) = best.segment([image], [top])
+        (expected_first,) = best.segment([image], [boxes[:1]])
+        (expected_union,) = best.segment([image], [boxes])
+        assert np.array_equal(b.array, expected_best)
+        assert np.array_equal(f.array, expected_first)
+        assert np.array_equal(u.array, expected_union)
+    with pytest.raises(ConfigError, match="box_selection"):
+        TextPromptMasker(detector_dir, sam_dir, device="cpu", box_selection="largest")
+
+
+def test_segment_does_not_import_maskers():
+    """maskers -> segment -> mask_result: no import circle (segment used to import
+    maskers, which imported segment back)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; import unspur.generate.segment; "
+        "print('unspur.generate.maskers' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -13,14 +13,22 @@ Choices, with the reason for each:
   token score (sigmoid) exceeds it; ``text_threshold=0.25`` only decides which prompt
   words label a kept box (``MaskResult.labels``), it drops no box, exactly as in
   LangSAM / GroundingDINO's ``predict``.
-- Default models: :data:`DEFAULT_DETECTOR` ``IDEA-Research/grounding-dino-tiny`` and
-  :data:`DEFAULT_SEGMENTER` ``facebook/sam-vit-base``, the light pair that runs on one
-  GPU next to Stable Diffusion. The original LangSAM used the heavier GroundingDINO
-  Swin-B and SAM ViT-H (:data:`LANGSAM_DETECTOR`, :data:`LANGSAM_SEGMENTER`, the
-  transformers ports of those checkpoints); pass them for the paper's setting.
-- SAM runs with ``multimask_output=False`` (one mask per box, as LangSAM), and the
-  object mask is the *union* of the masks of all kept boxes (LangSAM returns one mask
-  per box; DBB inpaints the object, wherever it was found).
+- Default models: :data:`DEFAULT_DETECTOR` ``IDEA-Research/grounding-dino-base`` and
+  :data:`DEFAULT_SEGMENTER` ``facebook/sam-vit-huge``, the transformers ports of the
+  checkpoints LangSAM loads (GroundingDINO Swin-B, SAM ViT-H), which is what the DBB
+  paper used (section 4.1, footnote 1: LangSAM). :data:`LIGHT_DETECTOR`
+  ``IDEA-Research/grounding-dino-tiny`` and :data:`LIGHT_SEGMENTER`
+  ``facebook/sam-vit-base`` are a lighter pair (our choice when memory is short; pass
+  them as ``detector`` / ``segmenter``).
+- SAM runs with ``multimask_output=False`` (one mask per box, as LangSAM). Which boxes
+  make the object mask (``box_selection``): ``best`` (default) the mask of the
+  highest-scoring box; ``first`` the first box in the detector's output order (what the
+  official DBB ``generate.py`` does: it takes LangSAM's first mask); ``union`` the union
+  of the masks of every kept box. The paper does not say which of several boxes it uses;
+  ``best`` is our choice (the detector's most confident box, independent of the query
+  order the first box depends on).
+- No dilation here: a mask is SAM's mask as it is (grow it in the caller only when a
+  config asks, e.g. DBB's ``mask_dilation``).
 - No box above the threshold -> an empty mask with ``ok=False, reason="no_box"``; boxes
   whose masks are all empty -> ``reason="empty_mask"``. Never a full mask: the caller
   prunes the sample and records the reason.
@@ -47,13 +55,19 @@ from PIL import Image
 
 from unspur.errors import ConfigError, UnspurError
 from unspur.generate.hub import placement
-from unspur.generate.maskers import EMPTY_MASK, NO_BOX, MaskResult, array_to_mask
+from unspur.generate.mask_result import EMPTY_MASK, NO_BOX, MaskResult, array_to_mask
 
-DEFAULT_DETECTOR = "IDEA-Research/grounding-dino-tiny"
-DEFAULT_SEGMENTER = "facebook/sam-vit-base"
-#: The checkpoints LangSAM used (GroundingDINO Swin-B, SAM ViT-H), as transformers ports.
+#: The checkpoints LangSAM used (GroundingDINO Swin-B, SAM ViT-H), as transformers ports:
+#: the DBB paper's masker (section 4.1, footnote 1), hence the defaults.
 LANGSAM_DETECTOR = "IDEA-Research/grounding-dino-base"
 LANGSAM_SEGMENTER = "facebook/sam-vit-huge"
+DEFAULT_DETECTOR = LANGSAM_DETECTOR
+DEFAULT_SEGMENTER = LANGSAM_SEGMENTER
+#: A lighter pair (our choice when GPU memory is short).
+LIGHT_DETECTOR = "IDEA-Research/grounding-dino-tiny"
+LIGHT_SEGMENTER = "facebook/sam-vit-base"
+#: Which detected boxes make the object mask (see the module docstring).
+BOX_SELECTIONS = ("best", "first", "union")
 BOX_THRESHOLD = 0.3
 TEXT_THRESHOLD = 0.25
 
@@ -198,6 +212,20 @@ def normalize_prompt(prompt: str) -> str:
     return text if text.endswith(".") else text + "."
 
 
+def select_boxes(boxes: np.ndarray, scores: np.ndarray, selection: str) -> np.ndarray:
+    """The boxes whose SAM masks make the object mask: ``best`` the highest-scoring one
+    (the first of equal scores), ``first`` the first in the detector's order (the
+    official DBB code), ``union`` all of them. ``boxes`` is ``(n, 4)``, ``n >= 1``."""
+    boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+    if selection == "union":
+        return boxes
+    if selection == "first":
+        return boxes[:1]
+    if selection == "best":
+        return boxes[int(np.argmax(np.asarray(scores, dtype=np.float64)))][None]
+    raise ConfigError(f"box_selection must be one of {BOX_SELECTIONS}, got {selection!r}")
+
+
 # -------------------------------------------------------------- the masker
 class TextPromptMasker:
     """GroundingDINO + SAM (LangSAM) as a :class:`~unspur.generate.maskers.Masker`.
@@ -218,7 +246,13 @@ class TextPromptMasker:
         batch_size: int = 8,
         device: torch.device | str | None = None,
         dtype: torch.dtype | str | None = None,
+        box_selection: str = "best",
     ) -> None:
+        if box_selection not in BOX_SELECTIONS:
+            raise ConfigError(
+                f"box_selection must be one of {BOX_SELECTIONS}, got {box_selection!r}"
+            )
+        self.box_selection = box_selection
         for label, value in (("box_threshold", box_threshold), ("text_threshold", text_threshold)):
             if not 0.0 <= float(value) <= 1.0:
                 raise ConfigError(f"{label} must lie in [0, 1] (a sigmoid score), got {value}")
@@ -329,7 +363,8 @@ class TextPromptMasker:
             )
         detections = self.detect(images, prompts)
         found = [i for i, (b, _, _) in enumerate(detections) if len(b)]
-        unions = self.segment([images[i] for i in found], [detections[i][0] for i in found])
+        chosen = [select_boxes(*detections[i][:2], self.box_selection) for i in found]
+        unions = self.segment([images[i] for i in found], chosen)
         union_of = dict(zip(found, unions))
         results = []
         for i, (image, prompt) in enumerate(zip(images, prompts)):
@@ -353,7 +388,7 @@ class TextPromptMasker:
                     MaskResult.empty(
                         image.size,
                         EMPTY_MASK,
-                        f"SAM's masks of the {len(boxes)} box(es) found for "
+                        f"SAM's mask(s) of the {self.box_selection} box(es) found for "
                         f"{normalize_prompt(prompt)!r} are all empty",
                         **info,
                     )
