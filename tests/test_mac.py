@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import helpers
 import numpy as np
@@ -21,7 +22,15 @@ from unspur.explain.masks import (
     top_k_mask,
 )
 from unspur.explain.xgradcam import cam_from, xgradcam
-from unspur.methods.mac import MaCObjective, integrated_gradients_map
+from unspur.methods.mac import (
+    PAPER_ALPHA_GRID,
+    PAPER_BETA_GRID,
+    PAPER_HEAD,
+    PAPER_PRESETS,
+    MaC,
+    MaCObjective,
+    integrated_gradients_map,
+)
 from unspur.models.checkpoint import load_checkpoint
 from unspur.models.small_cnn import MLP, SmallCNN
 from unspur.pipeline import run
@@ -272,7 +281,8 @@ def test_mac_trains_only_the_head_and_writes_its_artefacts(tmp_path):
     assert {"saliency_fg", "saliency_bg", "mask_fg", "mask_bg"} <= set(quality.columns)
     assert "all" in set(quality["name"])
     summary = json.loads((mac / "mac.json").read_text())
-    assert summary["alpha"] == 1.0 and summary["beta"] == 1.0
+    assert summary["alpha"] == 2.0 and summary["beta"] == 3.0  # Sec. 4.2 (Waterbirds)
+    assert summary["views"] == 0  # fresh interventions every batch
     figures = list((mac / "figures").glob("*.png"))
     assert figures or results["metrics"]["val"]["accuracy"] == 1.0
 
@@ -349,3 +359,73 @@ def test_mac_ground_truth_masks_are_used_exactly(tmp_path):
     assert overall.mask_fg > 0.99 and overall.mask_bg < 0.01
     info = json.loads((tmp_path / "mac" / "mac.json").read_text())["masks"]
     assert info["top_k"] == "exact" and 0 < info["fraction"] < PAPER_FRACTION
+
+
+# ------------------------------------------------------------ the paper's values
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def test_paper_values_are_pinned():
+    """Sec. 4.2, App. B and Table 1 of the MaC paper: changing one must fail here."""
+    assert PAPER_ALPHA_GRID == (0, 1, 2)  # App. B
+    assert PAPER_BETA_GRID == (0, 1, 2, 3, 4, 5)  # App. B
+    assert PAPER_HEAD == {
+        "optimizer": "adam",
+        "lr": 0.5e-2,
+        "step_size": 5,
+        "gamma": 0.5,
+        "batch_size": 32,
+    }  # Sec. 4.2, both datasets
+    assert PAPER_PRESETS == {
+        "waterbirds": {"alpha": 2, "beta": 3, "epochs": 10, "balance": "none"},
+        "celeba": {"alpha": 3, "beta": 0, "epochs": 6, "balance": "class"},
+    }  # Sec. 4.2 (alpha, beta, class balance) and App. B (epochs)
+    assert resolve_top_k(None, 224, 224) == 15000  # Table 1 caption
+    defaults = MaC.defaults
+    assert defaults["views"] == 0  # Sec. 3.2: interventions per batch
+    assert defaults["saliency"] == "xgradcam" and defaults["search"] is True
+    assert (defaults["alpha"], defaults["beta"], defaults["epochs"]) == (2, 3, 10)
+    assert {k: defaults[k] for k in PAPER_HEAD} == PAPER_HEAD
+
+
+@pytest.mark.parametrize("dataset", ["waterbirds", "celeba"])
+def test_dataset_configs_carry_the_paper_presets(dataset):
+    config = load_config(CONFIGS / f"{dataset}_mac.yaml")
+    options = MaC.resolve_options(config.method.options)
+    assert config.method.name == "mac" and config.data.name == dataset
+    assert {k: options[k] for k in PAPER_PRESETS[dataset]} == PAPER_PRESETS[dataset]
+    assert {k: options[k] for k in PAPER_HEAD} == PAPER_HEAD
+    assert options["search"] is False  # the reported coefficients, not a new search
+    assert options["views"] == 0 and options["top_k"] == 15000
+    assert options["saliency"] == "xgradcam" and options["weight_decay"] == 0.0
+    # The ERM reference of Sec. 4.2: ImageNet ResNet-50, SGD, constant lr 1e-3, momentum 0.9.
+    train = config.train
+    assert config.model.arch == "resnet50"
+    assert (train.optimizer, train.lr, train.momentum, train.scheduler) == (
+        "sgd",
+        1e-3,
+        0.9,
+        "none",
+    )
+    assert train.augment is True and train.selection == "worst_group"
+    expected = {"waterbirds": (100, 32, 1e-3), "celeba": (30, 128, 1e-4)}[dataset]
+    assert (train.epochs, train.batch_size, train.weight_decay) == expected
+    text = (CONFIGS / f"{dataset}_mac.yaml").read_text()
+    for line in text.split("method:")[1].splitlines()[3:]:
+        assert "#" in line, f"uncited value in {dataset}_mac.yaml: {line}"
+
+
+def test_views_are_labelled_a_speed_option_wherever_used():
+    from unspur.methods import mac
+
+    assert "speed option" in MaC.summary and "fresh every batch" in MaC.summary
+    assert "a speed option, not the paper" in mac.__doc__
+    assert "not given" not in mac.__doc__ and "could check" not in mac.__doc__
+    bench = Path(__file__).resolve().parents[1] / "bench"
+    for path in sorted((bench / "results").glob("mac*.md")):
+        text = path.read_text()
+        assert "`views: 4`" in text and "speed option" in text, path.name
+        for line in text.splitlines():
+            cells = [c.strip() for c in line.split("|")]
+            if len(cells) > 3 and cells[2].startswith("mac"):
+                assert cells[2].endswith("_views4"), (path.name, line)

@@ -1,64 +1,87 @@
 """MaC: Mask and Combine ("Mitigating Spurious Correlation in Images by Intervention").
 
+Sources below: "Sec." a section of the paper, "Eq." its equations, "Table 1" its mask
+table, "App. B" its Appendix B (implementation details). A value the paper does not
+give is marked *our choice*, with the reason. Per-dataset presets (Waterbirds, CelebA)
+are in ``configs/waterbirds_mac.yaml`` and ``configs/celeba_mac.yaml``.
+
 The recipe, stage by stage (files under ``out_dir/mac``):
 
-1. **Reference model.** ERM (``context.reference_model()``, reused by every method).
+1. **Reference model.** ERM (``context.reference_model()``, reused by every method;
+   Sec. 3.2 "we first train a classifier M = f o g ... with standard ERM"). Its settings
+   are the run's train config (Sec. 4.2's are in the dataset configs).
 2. **Core masks, once** (``masks.safetensors``, uint8 0/1 of shape ``(N, H, W)`` in
    training-set order, written atomically; ``masks.json`` says how they were made).
    Saliency of every training image under the eval transform: ``saliency: xgradcam``
-   (default; xGradCAM of the reference model on its ``cam_layer``, the last conv block,
-   for the image's *true* class), ``saliency: integrated_gradients`` (Integrated
-   Gradients of the true class's logit from an all-zero input, ``ig_steps`` = 32 points,
-   channel sum, positive part: a pixel-sharp map where the CAM of a small network's last
-   block is a few cells wide; the paper's text names xGradCAM, the issue asks for the
-   conversion to accept other saliency sources) or ``saliency: ground_truth`` (the
+   (default, Sec. 3.2: "we use xGradCAM"; of the reference model on its ``cam_layer``,
+   the last conv block: *our choice*, the paper does not name the layer and the last
+   block is xGradCAM's usual target; for the image's *true* class: *our choice*, the
+   paper does not say which class and the label is known for every training image),
+   ``saliency: integrated_gradients`` (Integrated Gradients of the true class's logit
+   from an all-zero input, ``ig_steps`` = 32 points (*our choice*), channel sum,
+   positive part: a pixel-sharp map where the CAM of a small network's last block is a
+   few cells wide; not in the paper, an option) or ``saliency: ground_truth`` (the
    dataset's core masks, e.g. the synthetic shapes or Colored MNIST's strokes, used as
    they are: a binary map has no ranking inside the object or the background, so a
    top-K of it would add randomly tie-broken background speckles that still show the
-   background's colour; give
-   ``top_k`` explicitly to force a top-K of the ground truth). For xGradCAM and IG the
-   ``top_k`` highest-scoring pixels form the mask (:func:`unspur.explain.masks.top_k_mask`): default the paper's 15000 of
-   224x224 pixels as a fraction (29.9%) at any image size; an ``int`` is a count, a
-   ``float`` a fraction. ``mask_size: adaptive`` instead picks the fraction at the elbow
-   of the reference model's masked-loss curve (DaC's adaptive mask size, see
-   :mod:`unspur.explain.masks`), on ``adaptive_samples`` random training images.
-   The masks are keyed by the reference weights, the data and these options: a rerun
-   reuses them, a change recomputes them.
+   background's colour; give ``top_k`` explicitly to force a top-K of the ground
+   truth). For xGradCAM and IG the ``top_k`` highest-scoring pixels form the mask
+   (Sec. 3.2, :func:`unspur.explain.masks.top_k_mask`): default the 15000 pixels of
+   Table 1's caption, as a fraction of 224x224 (29.9%) at any image size; an ``int`` is
+   a count, a ``float`` a fraction. ``mask_size: adaptive`` (not in the paper, an
+   option) instead picks the fraction at the elbow of the reference model's
+   masked-loss curve (DaC's adaptive mask size, see :mod:`unspur.explain.masks`), on
+   ``adaptive_samples`` random training images. The masks are keyed by the reference
+   weights, the data and these options: a rerun reuses them, a change recomputes them.
 3. **Last-layer retraining** with the backbone frozen (eval mode, no gradient) and a
-   fresh head, minimising ``L_CE + alpha * L_rmv + beta * L_comb`` where ``L_rmv`` is the
-   cross-entropy on the "remove" intervention and ``L_comb`` on the "combine"
-   intervention (:mod:`unspur.train.interventions`; both keep the label ``y_i``).
-   Paper settings as defaults: Adam, lr 5e-3, StepLR(step 5, gamma 0.5), batch 32, no
-   weight decay. ``search: true`` trains every ``(alpha, beta)`` of ``alpha_grid`` x
-   ``beta_grid`` (the paper's {0, 1, 2} x {0, ..., 5}) and keeps the one with the best
-   validation worst-group accuracy (``search.json``; ties, e.g. every candidate at 0%
-   on a 100-group Colored MNIST, are broken by balanced accuracy as in epoch
-   selection): the paper's protocol and the
-   default (18 head trainings; add ``views: 4`` to make them cheap on a CPU). With
-   ``search: false``, ``alpha`` and ``beta`` (default 1 each: both interventions on with
-   the weight of the clean loss, the middle of the paper's alpha range). The number of
-   head epochs is not given in the text we could check: 20 (four StepLR halvings) is
-   our choice. ``balance: class`` draws class-balanced batches (the paper's CelebA
-   setting). Group labels serve only model selection (epoch, and alpha/beta with
-   ``search``): supervision ✓, or x with ``train.selection=average``.
+   fresh head, minimising Eq. 6, ``L_CE + alpha * L_rmv + beta * L_comb``, where
+   ``L_rmv`` (Eq. 4) is the cross-entropy on the "remove" intervention (Eq. 1) and
+   ``L_comb`` (Eq. 5) on the "combine" intervention (Eq. 2)
+   (:mod:`unspur.train.interventions`; both keep the label ``y_i``). Head settings from
+   Sec. 4.2, the same for both datasets: Adam, lr 0.5e-2, StepLR(step 5, gamma 0.5),
+   batch 32; weight decay 0 (*our choice*: the paper names none, Adam's default).
+   Head epochs from App. B: 10 on Waterbirds, 6 on CelebA; the generic default is 10
+   (the Waterbirds value: the synthetic benchmark is Waterbirds-like, shapes on
+   backgrounds), the CelebA config sets 6. The epoch is selected by validation
+   worst-group accuracy (Sec. 4.2, App. B: "the model with the highest worst group
+   accuracy on the validation set"). ``alpha`` / ``beta`` with ``search: false``:
+   default (2, 3), the Waterbirds values of Sec. 4.2; CelebA's are (3, 0). ``search:
+   true`` (default) trains every ``(alpha, beta)`` of ``alpha_grid`` x ``beta_grid``
+   (App. B: {0, 1, 2} x {0, ..., 5}) and keeps the one with the best validation
+   worst-group accuracy (``search.json``; ties, e.g. every candidate at 0% on a
+   100-group Colored MNIST, are broken by balanced accuracy as in epoch selection):
+   App. B's protocol for a dataset without presets (18 head trainings). Note that
+   Sec. 4.2's CelebA alpha = 3 lies outside App. B's alpha grid; the CelebA config
+   keeps the reported 3 with ``search: false``. ``balance: class`` draws class-balanced
+   batches (Sec. 4.2: "class-balanced data to retrain the last layer on CelebA";
+   class-uniform sampling with replacement over all the data is *our* reading of
+   "class-balanced data", which keeps every image); default ``none`` (Waterbirds).
+   Group labels serve only model selection (epoch, and alpha/beta with ``search``):
+   supervision ✓ (the paper's, Table 2), or x with ``train.selection=average``.
 4. **Mask quality** (``mask_quality.csv``, the paper's Table 1) when the training table
-   has ground-truth masks; **figures** (``figures/misclassified.png``): xGradCAM of the
-   reference model and of the retrained model (the new head changes the channel
-   weights) for up to ``figures`` validation images the reference model gets wrong.
+   has ground-truth masks; **figures** (``figures/misclassified.png``, as App. C's
+   Figures 3-4): xGradCAM of the reference model and of the retrained model (the new
+   head changes the channel weights) for up to ``figures`` validation images the
+   reference model gets wrong (16: *our choice*, one readable grid).
 
-Where interventions are computed (``views``). The paper intervenes per batch: the
-partner ``j`` and the batch mean colour depend on the batch. ``views: 0`` (default)
+Where interventions are computed (``views``). The paper intervenes per batch (Sec. 3.2:
+``b`` is the mean of the batch ``B`` and the partner ``j`` is an image of ``B`` of
+another class), so every epoch sees new partners. ``views: 0`` (the default, the paper)
 does exactly that: an :class:`MaCObjective` builds both interventions for every batch
-of every epoch and runs the frozen backbone once on ``[x; x_rmv; x_comb]`` (one
-forward pass, no gradient; only the head's gradient is computed), so a head epoch
-costs about 3 backbone forward passes over the training set, i.e. roughly one ERM
-epoch. ``views: N`` precomputes ``N`` intervened views of every image once (each drawn
-from a random batch of ``batch_size`` exactly as in training) and trains the head on
-cached features, cycling through the views by epoch: ``1 + 2N`` backbone passes in
-total instead of 3 per epoch, which makes ``search: true`` (18 head trainings) cheap on
-a CPU; the price is a finite set of partners per image. In both modes the training
-images are read through the *eval* transform (masks must line up with the pixels; the
-frozen backbone makes augmentation moot for the features of clean images).
+of every epoch and runs the frozen backbone once on ``[x; x_rmv; x_comb]`` (one forward
+pass, no gradient; only the head's gradient is computed), so a head epoch costs about 3
+backbone forward passes over the training set, i.e. roughly one ERM epoch.
+``views: N`` (N >= 1) is **a speed option, not the paper**: it precomputes ``N``
+intervened views of every image once (each drawn from a random batch of
+``batch_size`` as in training) and trains the head on cached features, cycling through
+the views by epoch: ``1 + 2N`` backbone passes in total instead of 3 per epoch, which
+makes ``search: true`` (18 head trainings) cheap on a CPU; the price is a finite set
+of partners and batch colours per image. Results record ``views``
+(``mac.json`` / ``search.json``). In both modes the training images are read through
+the *eval* transform (masks must line up with the pixels; the frozen backbone makes
+augmentation moot for the features of clean images; *our choice*, the paper does not
+say). ``mask_batch_size`` (64) only sets how many images a saliency pass holds in
+memory.
 """
 
 from __future__ import annotations
@@ -109,8 +132,17 @@ logger = logging.getLogger(__name__)
 #: Bump when the way masks are computed changes, so old mask files are not reused.
 MASK_VERSION = 2
 SALIENCY_SOURCES = ("xgradcam", "integrated_gradients", "ground_truth")
+#: App. B: alpha and beta were selected from {0, 1, 2} and {0, ..., 5}.
 PAPER_ALPHA_GRID = (0.0, 1.0, 2.0)
 PAPER_BETA_GRID = (0.0, 1.0, 2.0, 3.0, 4.0, 5.0)
+#: Sec. 4.2: the head's optimiser, the same on both datasets.
+PAPER_HEAD = {"optimizer": "adam", "lr": 5e-3, "step_size": 5, "gamma": 0.5, "batch_size": 32}
+#: Per dataset: (alpha, beta) and class-balanced head data from Sec. 4.2, head epochs
+#: from App. B. The configs ``waterbirds_mac.yaml`` / ``celeba_mac.yaml`` carry them.
+PAPER_PRESETS: dict[str, dict[str, Any]] = {
+    "waterbirds": {"alpha": 2.0, "beta": 3.0, "epochs": 10, "balance": "none"},
+    "celeba": {"alpha": 3.0, "beta": 0.0, "epochs": 6, "balance": "class"},
+}
 
 
 # --------------------------------------------------------------------- helpers
@@ -305,7 +337,10 @@ def _ce(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 class MaCObjective(Objective):
-    """``L_CE + alpha L_rmv + beta L_comb`` with interventions built per batch.
+    """Eq. 6, ``L_CE + alpha L_rmv + beta L_comb``, with interventions built per batch.
+
+    The paper's setting (Sec. 3.2) and the default (``views: 0``): every batch gets its
+    own mean colour ``b`` and new partners ``j``.
 
     ``masks`` are the training set's uint8 0/1 core masks, indexed by the dataset index
     the loop passes. The model must be a :class:`Classifier` with a frozen backbone: the
@@ -350,6 +385,9 @@ class MaCObjective(Objective):
 class CachedViewsObjective(Objective):
     """The same loss on precomputed features of ``N`` intervened views (``views: N``).
 
+    A speed option, not the paper: the paper draws the interventions afresh for every
+    batch (:class:`MaCObjective`); here each image has only ``N`` of them.
+
     The loop feeds clean cached features; epoch ``e`` uses view ``e mod N`` of the
     removed and combined features (``comb_valid`` marks samples that had a partner).
     """
@@ -393,7 +431,8 @@ def intervened_views(
     batch_size: int,
     seed: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Features of ``n_views`` removed and combined versions of every training image.
+    """Features of ``n_views`` removed and combined versions of every training image
+    (``views: N``, a speed option; the paper intervenes afresh in every batch).
 
     Each view shuffles the data into batches of ``batch_size`` (as training would) and
     applies the interventions per batch. Returns ``(rmv, comb, comb_valid)`` of shapes
@@ -512,7 +551,8 @@ def _check_options(options: dict[str, Any]) -> None:
 
 
 def mac_train_config(base: TrainConfig, options: dict[str, Any]) -> TrainConfig:
-    """The run's train config with MaC's head settings (paper: Adam 5e-3, StepLR 5/0.5)."""
+    """The run's train config with MaC's head settings (Sec. 4.2: Adam 5e-3, StepLR 5/0.5,
+    batch 32; App. B: 10 / 6 epochs)."""
     return replace(
         base,
         epochs=int(options["epochs"]),
@@ -532,37 +572,43 @@ def mac_train_config(base: TrainConfig, options: dict[str, Any]) -> TrainConfig:
 class MaC(Method):
     """MaC (Mask and Combine): last-layer retraining on xGradCAM-masked interventions.
 
-    See the module docstring for every stage, default and choice.
+    See the module docstring for every stage, default and its source. ``views: 0``
+    (default) draws the interventions afresh for every batch, as the paper does;
+    ``views: N`` precomputes ``N`` of them per image, a speed option for CPUs.
     """
 
     name = "mac"
     supervision = Supervision(train_group_labels=False, val_group_labels=True)
     uses_reference = True
-    summary = "mask and combine: last layer retrained with remove/combine interventions"
+    summary = (
+        "mask and combine: last layer retrained with remove/combine interventions, "
+        "fresh every batch (the paper); views=N precomputes N views (a speed option)"
+    )
+    # Sources in the module docstring: Sec. = section, App. B = Appendix B.
     defaults: dict[str, Any] = {
-        "saliency": "xgradcam",
-        "layer": None,
-        "top_k": None,
-        "mask_size": "fixed",
-        "adaptive_grid": list(ADAPTIVE_GRID),
-        "adaptive_samples": 512,
-        "alpha": 1.0,
-        "beta": 1.0,
-        "search": True,
-        "alpha_grid": list(PAPER_ALPHA_GRID),
-        "beta_grid": list(PAPER_BETA_GRID),
-        "views": 0,
-        "balance": "none",
-        "epochs": 20,
-        "optimizer": "adam",
-        "lr": 5e-3,
-        "weight_decay": 0.0,
-        "batch_size": 32,
-        "step_size": 5,
-        "gamma": 0.5,
-        "figures": 16,
-        "mask_batch_size": 64,
-        "ig_steps": 32,
+        "saliency": "xgradcam",  # Sec. 3.2
+        "layer": None,  # our choice: the last conv block (the paper names none)
+        "top_k": None,  # Table 1 caption: 15000 of 224x224 pixels, as a fraction
+        "mask_size": "fixed",  # Sec. 3.2: top-K pixels
+        "adaptive_grid": list(ADAPTIVE_GRID),  # option (DaC), not the paper
+        "adaptive_samples": 512,  # option (DaC), our choice
+        "alpha": PAPER_PRESETS["waterbirds"]["alpha"],  # Sec. 4.2 (Waterbirds)
+        "beta": PAPER_PRESETS["waterbirds"]["beta"],  # Sec. 4.2 (Waterbirds)
+        "search": True,  # App. B: alpha, beta selected on validation worst-group accuracy
+        "alpha_grid": list(PAPER_ALPHA_GRID),  # App. B
+        "beta_grid": list(PAPER_BETA_GRID),  # App. B
+        "views": 0,  # Sec. 3.2: fresh interventions every batch; N > 0 is a speed option
+        "balance": PAPER_PRESETS["waterbirds"]["balance"],  # Sec. 4.2 (class on CelebA)
+        "epochs": PAPER_PRESETS["waterbirds"]["epochs"],  # App. B (6 on CelebA)
+        "optimizer": PAPER_HEAD["optimizer"],  # Sec. 4.2
+        "lr": PAPER_HEAD["lr"],  # Sec. 4.2
+        "weight_decay": 0.0,  # our choice: the paper names none (Adam's default)
+        "batch_size": PAPER_HEAD["batch_size"],  # Sec. 4.2
+        "step_size": PAPER_HEAD["step_size"],  # Sec. 4.2
+        "gamma": PAPER_HEAD["gamma"],  # Sec. 4.2
+        "figures": 16,  # our choice (App. C's figures); 0 turns them off
+        "mask_batch_size": 64,  # memory only
+        "ig_steps": 32,  # our choice, for the integrated_gradients option
     }
     debug_options = {"epochs": 1, "figures": 4}
 
@@ -657,6 +703,11 @@ class MaC(Method):
     def _cached_views(self, context, model, view, masks, options):
         if options["views"] == 0:
             return None
+        logger.info(
+            "MaC views=%d: precomputed interventions, a speed option (the paper draws "
+            "fresh ones every batch: views=0)",
+            options["views"],
+        )
         train_feats = cached_features(context, model, context.train)
         val_feats = cached_features(context, model, context.val)
         rmv, comb, valid = intervened_views(

@@ -1,26 +1,32 @@
 """MaC's two interventions on a batch (Mitigating Spurious Correlation in Images by
-Intervention, Sec. 3, "Mask and Combine").
+Intervention, Sec. 3.2, "Mask and Combine").
 
 With images ``x`` of shape ``(B, C, H, W)``, binary core masks ``m`` of shape
 ``(B, 1, H, W)`` (1 = core pixel) and a fill colour ``b``:
 
-- remove:   ``x_rmv_i  = x_i * m_i + (1 - m_i) * b``
-- combine:  ``x_comb_i = x_i * m_i + (1 - m_i) * (1 - m_j) * x_j + (1 - m_i) * m_j * b``
-  with a partner ``j`` of another class (``y_j != y_i``) drawn uniformly from the same
-  batch; the combined image keeps the label ``y_i`` (its core is ``x_i``'s). Pixels that
-  are core in neither image show ``x_j``'s background, pixels that are core only in
-  ``x_j`` are filled with ``b`` (so ``x_j``'s core never leaks into the new image).
+- remove (Eq. 1):   ``x_rmv_i  = x_i * m_i + (1 - m_i) * b``
+- combine (Eq. 2):  ``x_comb_i = x_i * m_i + (1 - m_i) * (1 - m_j) * x_j + (1 - m_i) * m_j * b``
+  with a partner ``j`` of another class (``y_j != y_i``) from the same batch (Eq. 2:
+  "X^(i), X^(j) in B such that y^(i) != y^(j)"); the combined image keeps the label
+  ``y_i`` (Eq. 5; its core is ``x_i``'s). Pixels that are core in neither image show
+  ``x_j``'s background, pixels that are core only in ``x_j`` are filled with ``b`` (so
+  ``x_j``'s core never leaks into the new image). The paper does not say how ``j`` is
+  picked among the other-class images of the batch: a uniform draw is *our choice* (no
+  candidate is preferred).
 
-``b`` is the batch mean colour: one value per channel, the mean over every pixel of
+``b`` is the batch mean colour (Eq. 1: "a 1 x 1 x 3 vector indicating the mean of B
+across the colour channels", chosen "to change the statistics of the batch as
+insignificantly as possible"): one value per channel, the mean over every pixel of
 every image of the batch (``x.mean(dim=(0, 2, 3))``), computed on the tensors the model
 sees. The classifier's normalisation is a per-channel affine map, so this is the
-normalised batch mean of the raw colours: the same colour either way. The paper says
-"the mean pixel value of the batch" without saying whether core pixels count; all
-pixels are used (the simplest reading, and it does not depend on the masks).
+normalised batch mean of the raw colours: the same colour either way. Whether core
+pixels count is not said: all pixels are used (*our choice*: the plain mean of ``B``,
+and it does not depend on the masks).
 
 Samples whose batch holds no image of another class get no partner: they are left out
 of the combine term (:func:`draw_partners` marks them ``-1``); the term is the mean over
-the samples that have one, and zero when none has (never NaN).
+the samples that have one (Eq. 5 averages over the samples with a partner ``j_i``), and
+zero when none has (never NaN).
 """
 
 from __future__ import annotations
