@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from unspur.cli import main
-from unspur.compare import plan, split_overrides
+from unspur.compare import DIFF_COLUMN, RunPace, paired_difference, plan, split_overrides
 from unspur.errors import ConfigError
 
 DEBUG = [*helpers.DEBUG, "train.epochs=1"]
@@ -42,12 +42,19 @@ def test_compare_two_methods_two_seeds_then_skips(tmp_path, capsys):
     assert "±" in markdown and "report:" in printed and "| groupdro | ✓✓ |" in printed
     rows = list(csv.DictReader((out / "comparison.csv").open()))
     assert [r["method"] for r in rows] == ["erm", "groupdro"]
-    assert all(r["seeds"] == "2" for r in rows)
+    assert all(r["n"] == "2" for r in rows)
     runs = list(csv.DictReader((out / "runs.csv").open()))
     assert len(runs) == 4
-    # The table's cell is the mean ± population std of the runs' test numbers.
+    # The table's cell is the mean ± sample std (ddof = 1) of the runs' test numbers.
     wga = [float(r["worst_group_accuracy"]) for r in runs if r["method"] == "groupdro"]
-    assert rows[1]["worst-group acc. (%)"] == f"{np.mean(wga):.1f} ± {np.std(wga):.1f}"
+    assert rows[1]["worst-group acc. (%)"] == f"{np.mean(wga):.1f} ± {np.std(wga, ddof=1):.1f}"
+    # ... and the last column GroupDRO's worst-group gain over ERM, paired by seed.
+    erm = {r["seed"]: float(r["worst_group_accuracy"]) for r in runs if r["method"] == "erm"}
+    gain = [
+        float(r["worst_group_accuracy"]) - erm[r["seed"]] for r in runs if r["method"] == "groupdro"
+    ]
+    assert rows[1][DIFF_COLUMN].startswith(f"{np.mean(gain):+.1f} [")
+    assert rows[0][DIFF_COLUMN] == "-"
     for method in ("erm", "groupdro"):
         for seed in (0, 1):
             run_dir = out / method / f"seed{seed}"
@@ -85,3 +92,26 @@ def test_compare_errors_are_clear(tmp_path, capsys):
     assert "unknown method 'nope'" in capsys.readouterr().err
     assert main(["compare", "--methods", "erm", "--out", str(tmp_path)]) == 2
     assert "--config BASE.yaml or --dataset NAME" in capsys.readouterr().err
+
+
+def test_paired_difference_is_the_mean_seed_difference_with_a_t_interval():
+    method = {0: 0.50, 1: 0.40, 2: 0.60}
+    erm = {0: 0.10, 1: 0.10, 2: 0.20, 3: 0.9}  # seed 3 has no pair: ignored
+    diff = paired_difference(method, erm)
+    assert diff["n"] == 3 and diff["mean"] == pytest.approx(0.3667, abs=1e-4)
+    # differences 0.4, 0.3, 0.4: sample std 0.0577; t(0.975, 2) = 4.303
+    half = 4.3027 * 0.057735 / np.sqrt(3)
+    assert diff["low"] == pytest.approx(diff["mean"] - half, abs=1e-4)
+    assert diff["high"] == pytest.approx(diff["mean"] + half, abs=1e-4)
+    single = paired_difference({0: 0.5}, {0: 0.2})
+    assert single["mean"] == pytest.approx(0.3) and single["low"] is None
+    assert paired_difference({1: 0.5}, {0: 0.2}) is None
+
+
+def test_run_pace_scales_priors_by_the_measured_speed():
+    pace = RunPace({"erm": 10.0, "dfr_val": 2.0})
+    assert pace.seconds_left(["erm", "dfr_val"]) == pytest.approx(12.0)
+    pace.record("erm", 20.0)  # this machine runs at half the priors' speed
+    assert pace.seconds_left(["dfr_val"]) == pytest.approx(4.0)
+    assert pace.seconds_left(["groupdro"]) == pytest.approx(20.0)  # no prior: mean run cost
+    assert RunPace().seconds_left(["erm"]) is None

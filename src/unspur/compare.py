@@ -22,6 +22,7 @@ import copy
 import csv
 import io
 import json
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,7 @@ COLUMN = {
     "average_accuracy": "average acc. (%)",
     "balanced_accuracy": "balanced acc. (%)",
 }
+DIFF_COLUMN = "worst-group vs ERM (paired, 95% CI)"
 
 
 def parse_list(text: str, what: str) -> list[str]:
@@ -136,17 +138,59 @@ def plan(
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and *sample* standard deviation (ddof = 1; 0.0 for a single value)."""
     array = np.asarray(values, dtype=np.float64)
-    return float(array.mean()), float(array.std())  # population std, as bench/common
+    std = float(array.std(ddof=1)) if array.size > 1 else 0.0
+    return float(array.mean()), std
 
 
 def _cell(mean: float, std: float, n: int) -> str:
     return f"{100 * mean:.1f} ± {100 * std:.1f}" if n > 1 else f"{100 * mean:.1f}"
 
 
+def paired_difference(
+    values: dict[int, float], reference: dict[int, float], confidence: float = 0.95
+) -> dict[str, Any] | None:
+    """Mean of ``values[s] - reference[s]`` over the seeds both have, with a t interval.
+
+    Pairing by seed removes the spread both runs share (same data draw, same start), which is
+    what a reader of "method vs ERM" wants; the interval is Student's t on the n - 1 degrees
+    of freedom of the n paired differences (None for n < 2: no spread to estimate).
+    """
+    from scipy.stats import t as student_t
+
+    seeds = sorted(set(values) & set(reference))
+    if not seeds:
+        return None
+    diffs = np.asarray([values[s] - reference[s] for s in seeds], dtype=np.float64)
+    mean, std = _mean_std(list(diffs))
+    result: dict[str, Any] = {"mean": mean, "std": std, "n": len(seeds), "low": None, "high": None}
+    if len(seeds) > 1:
+        half = (
+            float(student_t.ppf(0.5 + confidence / 2, len(seeds) - 1)) * std / np.sqrt(len(seeds))
+        )
+        result["low"], result["high"] = mean - half, mean + half
+    return result
+
+
+def _difference_cell(diff: dict[str, Any] | None) -> str:
+    if diff is None:
+        return "-"
+    text = f"{100 * diff['mean']:+.1f}"
+    if diff["low"] is not None:
+        text += f" [{100 * diff['low']:+.1f}, {100 * diff['high']:+.1f}]"
+    return text
+
+
 def summarise(runs: list[dict[str, Any]], methods: list[str], seeds: list[int]) -> dict[str, Any]:
-    """The comparison table (mean ± std over seeds) and per-group means, per method."""
+    """The comparison table (mean ± sample std over seeds, with n), per-group means, and each
+    method's worst-group difference to ERM paired by seed (95% t interval)."""
     table, aggregate, groups = [], {}, {}
+    erm_worst = {
+        r["seed"]: r["results"]["metrics"]["test"]["worst_group_accuracy"]
+        for r in runs
+        if r["method"] == "erm"
+    }
     for name in methods:
         members = [r for r in runs if r["method"] == name]
         if not members:
@@ -158,9 +202,21 @@ def summarise(runs: list[dict[str, Any]], methods: list[str], seeds: list[int]) 
         aggregate[name] = {}
         for key in TABLE_METRICS:
             mean, std = _mean_std([m["results"]["metrics"]["test"][key] for m in members])
-            aggregate[name][key] = {"mean": mean, "std": std}
+            aggregate[name][key] = {"mean": mean, "std": std, "n": len(members)}
             row[COLUMN[key]] = _cell(mean, std, len(members))
-        row["seeds"] = len(members)
+        row["n"] = len(members)
+        if erm_worst and name != "erm":
+            diff = paired_difference(
+                {
+                    m["seed"]: m["results"]["metrics"]["test"]["worst_group_accuracy"]
+                    for m in members
+                },
+                erm_worst,
+            )
+            aggregate[name]["worst_group_vs_erm"] = diff
+            row[DIFF_COLUMN] = _difference_cell(diff)
+        elif erm_worst:
+            row[DIFF_COLUMN] = "-"
         table.append(row)
         per_group = [m["results"]["metrics"]["test"]["groups"] for m in members]
         means = []
@@ -196,6 +252,46 @@ def summarise(runs: list[dict[str, Any]], methods: list[str], seeds: list[int]) 
     }
 
 
+def format_duration(seconds: float) -> str:
+    seconds = max(0, round(seconds))
+    return f"{seconds // 60} min {seconds % 60:02d} s" if seconds >= 60 else f"{seconds} s"
+
+
+class RunPace:
+    """Estimates the time left from the runs measured so far.
+
+    A method measured in this comparison costs what its mean run cost; a method not yet run
+    costs its prior (``priors``) scaled by how fast this machine ran the priors it has seen, or
+    the mean run cost when there is no prior. None until something is known.
+    """
+
+    def __init__(self, priors: dict[str, float] | None = None) -> None:
+        self.priors = dict(priors or {})
+        self.measured: dict[str, list[float]] = {}
+
+    def record(self, method: str, seconds: float) -> None:
+        self.measured.setdefault(method, []).append(seconds)
+
+    def _cost(self, method: str) -> float | None:
+        if method in self.measured:
+            return float(np.mean(self.measured[method]))
+        seen = [m for m in self.measured if m in self.priors]
+        speed = (
+            sum(sum(self.measured[m]) for m in seen)
+            / sum(self.priors[m] * len(self.measured[m]) for m in seen)
+            if seen
+            else 1.0
+        )
+        if method in self.priors:
+            return self.priors[method] * speed
+        every = [t for times in self.measured.values() for t in times]
+        return float(np.mean(every)) if every else None
+
+    def seconds_left(self, methods: list[str]) -> float | None:
+        costs = [self._cost(m) for m in methods]
+        return None if any(c is None for c in costs) else float(sum(costs))
+
+
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return "(no runs)"
@@ -222,10 +318,13 @@ def compare(
     *,
     command: str = "",
     log: Callable[[str], None] = print,
+    estimate: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     """Run every (method, seed) (skipping finished runs), then write the tables and report.
 
     ``base`` is a config mapping (a YAML file's content, or ``{}`` for the defaults).
+    ``estimate`` (method -> seconds) seeds the time-left estimate before any run has finished
+    (the demo passes its measured costs); afterwards the estimate follows the measured pace.
     Returns the summary written to ``comparison.json``.
     """
     from unspur.pipeline import run
@@ -236,13 +335,18 @@ def compare(
     runs = plan(base, methods, seeds, overrides or [], out_dir)
     order = list(dict.fromkeys(name for name, *_ in runs))
     done = []
+    pace = RunPace(estimate)
     for i, (name, seed, config, run_dir) in enumerate(runs, 1):
         if is_finished(config, run_dir):
             log(f"[{i}/{len(runs)}] {name} seed {seed}: finished earlier, skipped ({run_dir})")
             results = json.loads((run_dir / "results.json").read_text())
         else:
-            log(f"[{i}/{len(runs)}] {name} seed {seed}: running in {run_dir}")
+            left = pace.seconds_left([n for n, *_ in runs[i - 1 :]])
+            eta = f"; about {format_duration(left)} left in all" if left is not None else ""
+            log(f"[{i}/{len(runs)}] {name} seed {seed}: running in {run_dir}{eta}")
+            started = time.perf_counter()
             results = run(config, run_dir)
+            pace.record(name, time.perf_counter() - started)
             write_run_report(run_dir, results)
         done.append(
             {
@@ -263,7 +367,8 @@ def compare(
         "# unspur comparison",
         "",
         f"Dataset: {summary['dataset']}; seeds: {', '.join(map(str, seeds))}; test split, "
-        "percentages, mean ± std over seeds (population std).",
+        "percentages, mean ± sample std (ddof = 1) over the n seeds; the last column is the "
+        "worst-group accuracy minus ERM's, paired by seed, with a 95% Student-t interval.",
         "Supervision: x no group labels, ✓ validation group labels, ✓✓ training group labels.",
         "",
     ]
