@@ -21,7 +21,7 @@ def test_unknown_key_names_the_key_and_suggests(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("train:\n  epochz: 3\n")
     with pytest.raises(
-        ConfigError, match=r"unknown config key 'train.epochz'.*did you mean 'epochs'"
+        ConfigError, match=r"unknown config key 'train.epochz'.*did you mean 'train.epochs'"
     ):
         load_config(path)
     with pytest.raises(ConfigError, match=str(path)):

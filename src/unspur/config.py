@@ -1,14 +1,22 @@
 """Run configuration: YAML files, ``--set key=value`` overrides, validation.
 
 A config is a tree of dataclasses. Loading checks every key against the dataclass
-fields, so ``train.lr_rate`` fails with "unknown key 'train.lr_rate' (did you mean
-'train.lr'?)" instead of being silently ignored.
+fields, so ``train.lr_rate`` fails with "unknown config key 'train.lr_rate' (did you
+mean 'train.lr'?)" instead of being silently ignored; a key in the wrong section
+(``train.image_size``) points to the right one. Every number is then checked against
+:data:`RANGES`, so ``data.image_size=0`` or ``train.lr=-1`` fail when the config loads,
+with the key and an allowed value, not deep inside training.
+
+Numbers may be written in scientific notation everywhere (``1e-4``, also in method
+and reader options): PyYAML follows YAML 1.1, which reads ``1e-4`` as a string, so
+:func:`load_yaml` adds YAML 1.2's float form.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,7 +25,7 @@ from typing import Any
 
 import yaml
 
-from unspur.errors import ConfigError
+from unspur.errors import ConfigError, closest_name, did_you_mean
 
 
 @dataclass
@@ -65,6 +73,10 @@ class TrainConfig:
     progress: bool = True
     checkpoint_every: int = 1
     tensorboard: bool = False  # log curves to <stage>/tensorboard (needs `tensorboard`)
+    # torch CPU threads (torch.set_num_threads). None: the cores this process may use
+    # (os.sched_getaffinity), never more than torch already uses (OMP_NUM_THREADS).
+    # Our choice: on a shared machine set 1-2; one thread per core oversubscribes.
+    threads: int | None = None
 
 
 @dataclass
@@ -92,11 +104,183 @@ class RunConfig:
 SELECTION_RULES = ("auto", "worst_group", "average", "last")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULERS = ("none", "cosine", "step")
+DEVICES = ("auto", "cpu", "cuda")
 
 
-def _suggest(key: str, choices: list[str]) -> str:
-    close = difflib.get_close_matches(key, choices, n=1, cutoff=0.5)
-    return f" (did you mean {close[0]!r}?)" if close else ""
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric setting may take, with what it means and a valid example."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False  # True: ``low`` itself is not allowed
+    high_open: bool = False
+    meaning: str = ""
+    example: Any = None
+
+    def contains(self, value: float) -> bool:
+        if isinstance(value, float) and not math.isfinite(value):
+            return False
+        if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
+            return False
+        return not (
+            self.high is not None and (value > self.high or (self.high_open and value == self.high))
+        )
+
+    def describe(self) -> str:
+        def text(bound: float) -> str:
+            return str(int(bound)) if float(bound).is_integer() else f"{bound:g}"
+
+        parts = []
+        if self.low is not None:
+            parts.append(f"{'>' if self.low_open else '>='} {text(self.low)}")
+        if self.high is not None:
+            parts.append(f"{'<' if self.high_open else '<='} {text(self.high)}")
+        return " and ".join(parts) or "a finite number"
+
+
+#: The allowed range of every numeric setting, checked when a config loads. No paper
+#: bounds these: each range is what the code can run with (our choice), so a typo fails
+#: at once with the key instead of as a ZeroDivisionError or a torch ValueError later.
+RANGES: dict[str, Range] = {
+    "seed": Range(0, 2**32, high_open=True, meaning="numpy seeds are 32-bit", example=0),
+    "data.bias_ratio": Range(
+        0.5, 1, high_open=True, meaning="share of majority groups in each class", example=0.95
+    ),
+    "data.image_size": Range(1, meaning="side in pixels images are resized to", example=224),
+    "data.crop_ratio": Range(
+        0,
+        1,
+        low_open=True,
+        meaning="share of the resized image kept by the centre crop",
+        example=0.875,
+    ),
+    "train.epochs": Range(0, meaning="0 keeps the model as built, untrained", example=10),
+    "train.batch_size": Range(1, meaning="images per training step", example=64),
+    "train.eval_batch_size": Range(1, meaning="images per evaluation step", example=256),
+    "train.lr": Range(0, low_open=True, meaning="the optimiser's step size", example=0.01),
+    "train.momentum": Range(0, 1, high_open=True, meaning="SGD momentum", example=0.9),
+    "train.weight_decay": Range(0, meaning="L2 penalty", example=1e-4),
+    "train.step_size": Range(1, meaning="epochs between step-scheduler decays", example=30),
+    "train.gamma": Range(
+        0, 1, low_open=True, meaning="the step scheduler's decay factor", example=0.1
+    ),
+    "train.augment_scale": Range(
+        0,
+        1,
+        low_open=True,
+        meaning="[low, high] share of the image a random crop keeps",
+        example="[0.7,1.0]",
+    ),
+    "train.num_workers": Range(0, meaning="DataLoader worker processes", example=0),
+    "train.checkpoint_every": Range(1, meaning="epochs between checkpoints", example=1),
+    "train.threads": Range(1, meaning="torch threads", example=1),
+}
+
+
+def _path_value(config: Any, path: str) -> Any:
+    value = config
+    for part in path.split("."):
+        value = getattr(value, part, None)
+    return value
+
+
+def _range_error(path: str, value: Any, allowed: str, meaning: str, example: Any) -> ConfigError:
+    return ConfigError(
+        f"{path}={value!r} is out of range: it must be {allowed} ({meaning}). Fix {path} "
+        f"in the config file or on the command line, e.g. --set {path}={example}"
+    )
+
+
+def check_ranges(config: RunConfig) -> None:
+    """Refuse any number outside :data:`RANGES` (a missing or None setting is skipped).
+
+    A pair such as ``train.augment_scale`` must hold two numbers in range, low first.
+    """
+    for path, allowed in RANGES.items():
+        value = _path_value(config, path)
+        if isinstance(value, tuple | list):
+            ordered = list(value) == sorted(value)
+            if not ordered or not all(allowed.contains(v) for v in value):
+                raise _range_error(
+                    path,
+                    list(value),
+                    f"two numbers, low <= high, each {allowed.describe()}",
+                    allowed.meaning,
+                    allowed.example,
+                )
+            continue
+        if value is None or isinstance(value, bool) or not isinstance(value, int | float):
+            continue
+        if not allowed.contains(value):
+            raise _range_error(path, value, allowed.describe(), allowed.meaning, allowed.example)
+
+
+def _leaf_paths(cls: type | None = None, prefix: str = "") -> list[str]:
+    """Every key of the config tree, dotted (``train.lr``), sections included."""
+    cls = cls or RunConfig
+    hints = typing.get_type_hints(cls)
+    paths = []
+    for f in dataclasses.fields(cls):
+        full = f"{prefix}{f.name}"
+        paths.append(full)
+        if dataclasses.is_dataclass(hints[f.name]):
+            paths += _leaf_paths(hints[f.name], f"{full}.")
+    return paths
+
+
+def _unknown_key(key: str, path: str, names: list[str]) -> ConfigError:
+    """The error for an unknown key, with the key the user most likely meant."""
+    prefix = f"{path}." if path else ""
+    full = f"{prefix}{key}"
+    elsewhere = [p for p in _leaf_paths() if p.rsplit(".", 1)[-1] == key and p != full]
+    if len(elsewhere) == 1:
+        hint = f" (did you mean {elsewhere[0]!r}? {key!r} belongs in that section)"
+    else:
+        hint = did_you_mean(key, names, prefix)
+    if not hint:  # a misspelt key of another section: data.num_epochs -> train.epochs
+        by_leaf: dict[str, list[str]] = {}
+        for other in _leaf_paths():
+            by_leaf.setdefault(other.rsplit(".", 1)[-1], []).append(other)
+        leaf = closest_name(key, by_leaf)
+        if leaf is not None and len(by_leaf[leaf]) == 1:
+            hint = f" (did you mean {by_leaf[leaf][0]!r}?)"
+    where = f"under {path!r}" if path else "at the top level"
+    return ConfigError(
+        f"unknown config key {full!r}{hint}; the keys {where} are: {', '.join(names)}. "
+        "Fix the key in the config file or in --set"
+    )
+
+
+#: A number in any notation YAML 1.2 or Python accepts: ``1e-4``, ``5E3``, ``.5``, ``1_000``.
+_NUMBER = re.compile(r"[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)?")
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, plus YAML 1.2 floats without a dot or exponent sign."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def load_yaml(text: str) -> Any:
+    """Parse YAML safely, reading ``1e-4`` as the number it is (PyYAML says string)."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
+
+
+def _as_number(value: Any) -> float | None:
+    """``value`` as a float when it is a number or a string that spells one, else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        return float(value)
+    if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+        return float(value.strip().replace("_", ""))
+    return None
 
 
 def _coerce(value: Any, hint: Any, path: str) -> Any:
@@ -135,11 +319,21 @@ def _coerce(value: Any, hint: Any, path: str) -> Any:
     if hint is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
-        raise ConfigError(f"{path}: expected an integer, got {value!r}")
+        number = _as_number(value)  # 1e3 and 10.0 are whole numbers too
+        if number is not None and math.isfinite(number) and number.is_integer():
+            return int(number)
+        raise ConfigError(
+            f"{path}: expected an integer (a whole number such as 10 or 1e3), got {value!r}. Fix {path} "
+            "in the config file or in --set"
+        )
     if hint is float:
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-        raise ConfigError(f"{path}: expected a number, got {value!r}")
+        number = _as_number(value)
+        if number is not None:
+            return number
+        raise ConfigError(
+            f"{path}: expected a number (e.g. 0.01 or 1e-4), got {value!r}. Fix {path} "
+            "in the config file or in --set"
+        )
     if hint is str:
         if isinstance(value, str):
             return value
@@ -158,30 +352,29 @@ def _build(cls: type, values: Any, path: str) -> Any:
     for key, value in values.items():
         full = f"{path}.{key}" if path else str(key)
         if key not in names:
-            raise ConfigError(
-                f"unknown config key {full!r}{_suggest(str(key), names)}; "
-                f"valid keys here: {', '.join(names)}"
-            )
+            raise _unknown_key(str(key), path, names)
         kwargs[key] = _coerce(value, hints[key], full)
     return cls(**kwargs)
 
 
 def validate(config: RunConfig) -> RunConfig:
-    """Check values that have a fixed set of choices."""
+    """Check values with a fixed set of choices, and every number's range (:data:`RANGES`)."""
     checks = [
         ("train.optimizer", config.train.optimizer, OPTIMIZERS),
         ("train.scheduler", config.train.scheduler, SCHEDULERS),
         ("train.selection", config.train.selection, SELECTION_RULES),
         ("train.mixed_precision", config.train.mixed_precision, ("no", "fp16", "bf16")),
+        ("train.device", config.train.device, DEVICES),
         ("data.on_bad_image", config.data.on_bad_image, ("fail", "skip")),
     ]
     for path, value, choices in checks:
         if value not in choices:
-            raise ConfigError(f"{path}={value!r} is not one of {', '.join(choices)}")
-    if config.train.epochs < 0 or config.train.batch_size < 1:
-        raise ConfigError("train.epochs must be >= 0 and train.batch_size >= 1")
-    if config.data.bias_ratio is not None and not 0.5 <= config.data.bias_ratio < 1:
-        raise ConfigError(f"data.bias_ratio={config.data.bias_ratio} must be in [0.5, 1)")
+            raise ConfigError(
+                f"{path}={value!r} is not one of {', '.join(choices)}"
+                f"{did_you_mean(str(value), choices)}; fix {path} in the config file or "
+                f"on the command line, e.g. --set {path}={choices[0]}"
+            )
+    check_ranges(config)
     return config
 
 
@@ -197,7 +390,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not key.strip():
         raise ConfigError(f"--set {text!r} has an empty key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = load_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:
         raise ConfigError(f"--set {text!r}: value is not valid YAML: {exc}") from exc
     return key.strip().split("."), value
@@ -226,7 +419,7 @@ def read_yaml_mapping(path: str | Path | None) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
-        loaded = yaml.safe_load(path.read_text())
+        loaded = load_yaml(path.read_text())
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
     if loaded is not None and not isinstance(loaded, dict):

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from unspur.data.table import GroupTable
-from unspur.errors import ConfigError
+from unspur.errors import ConfigError, did_you_mean
 
 Reader = Callable[..., GroupTable]
 READERS: dict[str, Reader] = {}
@@ -40,7 +40,10 @@ def reader_options(name: str) -> dict[str, inspect.Parameter]:
 def get_reader(name: str) -> Reader:
     _import_builtin_readers()
     if name not in READERS:
-        raise ConfigError(f"unknown dataset {name!r}; available: {', '.join(sorted(READERS))}")
+        raise ConfigError(
+            f"unknown dataset {name!r}{did_you_mean(name, READERS)}; "
+            f"available: {', '.join(sorted(READERS))}"
+        )
     return READERS[name]
 
 
@@ -83,7 +86,8 @@ def load_dataset(name: str, root: str | Path | None = None, **options: Any) -> G
     unknown = sorted(set(options) - set(accepted))
     if unknown:
         raise ConfigError(
-            f"dataset {name!r} has no option(s) {unknown}; its options are: "
+            f"dataset {name!r} has no option(s) {unknown}"
+            f"{did_you_mean(unknown[0], accepted, 'data.options.')}; its options are: "
             f"{', '.join(accepted) or '(none)'}"
         )
     hints = typing.get_type_hints(function)

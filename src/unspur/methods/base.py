@@ -19,7 +19,7 @@ from torch.utils.data import Dataset
 
 from unspur.config import RunConfig, TrainConfig
 from unspur.data.dataset import GroupDataset
-from unspur.errors import ConfigError
+from unspur.errors import ConfigError, did_you_mean
 from unspur.train.loop import FitResult, fit
 from unspur.train.objectives import Objective
 
@@ -132,7 +132,8 @@ class Method:
         unknown = sorted(set(options) - set(cls.defaults))
         if unknown:
             raise ConfigError(
-                f"method {cls.name!r} has no option(s) {unknown}; its options are: "
+                f"method {cls.name!r} has no option(s) {unknown}"
+                f"{did_you_mean(unknown[0], cls.defaults, 'method.options.')}; its options are: "
                 f"{', '.join(sorted(cls.defaults)) or '(none)'}"
             )
         return {**cls.defaults, **options}
@@ -151,7 +152,10 @@ def register_method(cls: type[Method]) -> type[Method]:
 def get_method(name: str) -> type[Method]:
     _import_builtin_methods()
     if name not in METHODS:
-        raise ConfigError(f"unknown method {name!r}; available: {', '.join(sorted(METHODS))}")
+        raise ConfigError(
+            f"unknown method {name!r}{did_you_mean(name, METHODS)}; "
+            f"available: {', '.join(sorted(METHODS))}"
+        )
     return METHODS[name]
 
 
