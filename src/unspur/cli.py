@@ -14,22 +14,6 @@ from pathlib import Path
 
 from unspur.errors import UnspurError
 
-#: The demo's data, model and training: the synthetic benchmark at 99% bias on a small CNN.
-DEMO_SETTINGS = [
-    "data.name=synthetic",
-    "data.options.bias=0.99",
-    "data.options.n_train=2000",
-    "data.image_size=32",
-    "model.arch=small_cnn",
-    "train.epochs=8",
-    "train.lr=0.05",
-    "train.batch_size=64",
-    "train.augment=false",
-]
-#: Methods the demo compares; each fits the CPU budget (DFR reuses ERM's model).
-DEMO_METHODS = "erm,groupdro,resample_group,jtt,dfr_val"
-DEMO_SEEDS = "0,1"
-
 
 def _print_results(results: dict) -> None:
     from unspur.evaluate.metrics import GroupMetrics, GroupRow, format_metrics
@@ -206,24 +190,15 @@ def cmd_methods(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from unspur.compare import compare, parse_list, parse_seeds
+    from unspur.demo import run_demo, verdict
 
-    methods = parse_list(args.methods, "--methods")
-    seeds = parse_seeds(args.seeds)
-    print("unspur demo: methods against ERM on the synthetic benchmark (shape = class,")
-    print("background = bias; 99% of training images show each shape on its usual")
-    print(f"background), on CPU: {', '.join(methods)}; seeds {', '.join(map(str, seeds))}.")
-    overrides = DEMO_SETTINGS + ["train.progress=false"] + args.set
-    summary = compare({}, methods, seeds, args.out, overrides, command="unspur demo")
+    summary = run_demo(
+        args.out, full=args.full, methods=args.methods, seeds=args.seeds, overrides=args.set
+    )
     _print_comparison(summary)
-    erm = summary["aggregate"].get("erm")
-    if erm:
-        best = max(summary["aggregate"].items(), key=lambda m: m[1]["worst_group_accuracy"]["mean"])
-        print(
-            f"ERM's worst-group accuracy: {100 * erm['worst_group_accuracy']['mean']:.1f}% "
-            f"(average {100 * erm['average_accuracy']['mean']:.1f}%): the shortcut. Best "
-            f"worst-group accuracy: {best[0]}, {100 * best[1]['worst_group_accuracy']['mean']:.1f}%."
-        )
+    sentence = verdict(summary)
+    if sentence:
+        print(sentence)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -320,12 +295,20 @@ def build_parser() -> argparse.ArgumentParser:
     methods = commands.add_parser("methods", help="list methods and their supervision")
     methods.set_defaults(func=cmd_methods)
 
+    from unspur.demo import FULL, QUICK
+
     demo = commands.add_parser(
-        "demo", help="compare ERM and robust methods on the synthetic benchmark, on CPU"
+        "demo",
+        help="ERM's shortcut and robust methods on the synthetic benchmark, on CPU (~2 min)",
     )
     demo.add_argument("--out", default="runs/demo", help="directory (default runs/demo)")
-    demo.add_argument("--methods", default=DEMO_METHODS, help=f"default {DEMO_METHODS}")
-    demo.add_argument("--seeds", "--seed", default=DEMO_SEEDS, help=f"default {DEMO_SEEDS}")
+    demo.add_argument(
+        "--full",
+        action="store_true",
+        help=f"the longer comparison: {FULL.methods}, seeds {FULL.seeds}",
+    )
+    demo.add_argument("--methods", default=None, help=f"default {QUICK.methods}")
+    demo.add_argument("--seeds", "--seed", default=None, help=f"default {QUICK.seeds}")
     demo.add_argument("--set", action="append", default=[], metavar="[METHOD:]KEY=VALUE")
     demo.set_defaults(func=cmd_demo)
     return parser

@@ -77,6 +77,10 @@ class TrainConfig:
     # (os.sched_getaffinity), never more than torch already uses (OMP_NUM_THREADS).
     # Our choice: on a shared machine set 1-2; one thread per core oversubscribes.
     threads: int | None = None
+    # torch CPU threads (torch.set_num_threads). None: the cores this process may use
+    # (os.sched_getaffinity), never more than torch already uses (OMP_NUM_THREADS).
+    # Our choice: on a shared machine set 1-2; one thread per core oversubscribes.
+    threads: int | None = None
 
 
 @dataclass
