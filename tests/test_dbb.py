@@ -28,7 +28,6 @@ from unspur.methods.dbb import (
     DBBObjective,
     box_mask,
     class_mean_softmax,
-    minority_groups,
     prune_decision,
     rank_per_class,
     reference_scores,
@@ -219,8 +218,6 @@ def test_option_helpers():
     box = np.asarray(box_mask(Image.fromarray(ring)))
     assert (box[2:6, 3:6] == 255).all() and box.sum() == 12 * 255
     assert not np.asarray(box_mask(Image.fromarray(np.zeros((4, 4), np.uint8)))).any()
-    # class 0: groups 0 (big) and 1 (small); class 1: groups 2 (small), 3 (big)
-    assert minority_groups(np.array([90, 5, 4, 80]), 2, 2) == {1, 2}
 
 
 # ------------------------------------------------------------------ objective
@@ -252,31 +249,50 @@ WORDS = ["a", "photo", "of", "circle", "cross", "shape"]
 
 
 @pytest.fixture(scope="module")
-def tiny_inpainter(tmp_path_factory):
-    from unspur.generate.components import build_pipeline
+def tiny_pair(tmp_path_factory):
+    """A tiny inpainting pipeline and the text-to-image pipeline of its family: the same
+    text encoder, tokenizer and VAE, its own text-to-image UNet (as SD-2 base and SD-2
+    inpainting)."""
+    from diffusers import StableDiffusionPipeline
+
+    from unspur.generate.components import TINY, build_pipeline, build_unet
 
     torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("tiny_inpaint")
-    build_pipeline("inpaint", words=WORDS).save_pretrained(folder)
-    return folder
+    inpaint = tmp_path_factory.mktemp("tiny_inpaint")
+    t2i = tmp_path_factory.mktemp("tiny_t2i")
+    pipe = build_pipeline("inpaint", words=WORDS)
+    pipe.save_pretrained(inpaint)
+    StableDiffusionPipeline(
+        vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
+        unet=build_unet(TINY, "text2image"), scheduler=pipe.scheduler, safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False,
+    ).save_pretrained(t2i)  # fmt: skip
+    return inpaint, t2i
+
+
+@pytest.fixture(scope="module")
+def tiny_inpainter(tiny_pair):
+    return tiny_pair[0]
 
 
 def _config(generator, **options):
     base = dict(
         generator=str(generator), masker="ground_truth", k=3, token_samples=2,
         inversion_steps=2, inversion_batch_size=2, steps=2, guidance_scale=2.0, ig_steps=4,
-        retrain_epochs=1, figures=2, mask_dilation=1,
+        retrain_epochs=1, figures=2, mask_dilation=1, inversion_model="generator",
     )  # fmt: skip
     base.update(options)
     overrides = [f"method.options.{k}={json.dumps(v)}" for k, v in base.items()]
     return load_config(None, helpers.DEBUG + ["method.name=dbb"] + overrides)
 
 
-def test_dbb_end_to_end_with_a_tiny_engine(tiny_inpainter, tmp_path, monkeypatch):
+def test_dbb_end_to_end_with_a_tiny_engine(tiny_pair, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    tiny_inpainter, tiny_t2i = tiny_pair
     method = available_methods()["dbb"]
     assert method.supervision.val_group_labels and not method.supervision.train_group_labels
-    results = run(_config(tiny_inpainter), tmp_path)
+    config = _config(tiny_inpainter, inversion_model=str(tiny_t2i))
+    results = run(config, tmp_path)
     assert results["method"] == "dbb" and results["supervision"]["symbol"] == "✓"
     folder = tmp_path / "dbb"
     # Tokens trained on the inpainting pipeline's own text encoder (32-d here).
@@ -287,6 +303,12 @@ def test_dbb_end_to_end_with_a_tiny_engine(tiny_inpainter, tmp_path, monkeypatch
             folder / "tokens" / f"class{c}" / "learned_embeds.safetensors"
         ).values()
         assert vector.shape == (32,)
+    # Tokens learned on the text-to-image model of the family, with the class name in
+    # the template (section 4.1), then loaded into the inpainting pipeline.
+    selection = json.loads((folder / "selection.json").read_text())
+    for info in selection["tokens"].values():
+        assert info["inversion_model"] == str(tiny_t2i) and info["with_masks"] == 0
+        assert info["templates"][0].startswith("a photo of a {} ")
     candidates = pd.read_csv(folder / "candidates.csv")
     assert len(candidates) == 6  # k = 3 per class, one copy each
     assert set(candidates["y"]) == {0, 1}
@@ -301,7 +323,22 @@ def test_dbb_end_to_end_with_a_tiny_engine(tiny_inpainter, tmp_path, monkeypatch
     assert {"score_psi", "score_rho", "score_mask_area", "kept", "reason"} <= set(manifest.columns)
     assert manifest["prompt"].str.contains("<dbb-").all()
     assert all(p.startswith("a photo of a <dbb-") for p in manifest["prompt"])
+    # P calibrated per new class (the default) and applied per new class.
     statistics = json.loads((folder / "statistics.json").read_text())
+    assert statistics["rho_calibrated"] and len(statistics["rho_thresholds"]) == 2
+    for c, threshold in enumerate(statistics["rho_thresholds"]):
+        assert np.allclose(candidates.loc[candidates["y"] == c, "P"], threshold)
+    # No paste-back (Eq. 2): the images are the inpainting model's output, whose VAE
+    # round trip changes pixels outside the mask too.
+    from PIL import Image
+
+    outside_changed = False
+    for _, row in manifest.iterrows():
+        image = np.asarray(Image.open(folder / "store" / row["filename"]).convert("RGB"))
+        mask = np.asarray(Image.open(folder / "store" / row["mask"])) >= 128
+        parent = results_parent(tmp_path, row["parent"], image.shape[:2])
+        outside_changed |= bool((image[~mask] != parent[~mask]).any())
+    assert outside_changed
     rows = statistics["classes"]
     assert [r["generated"] for r in rows] == [3, 3]
     assert sum(r["used"] for r in rows) == int(expected.sum())
@@ -310,7 +347,7 @@ def test_dbb_end_to_end_with_a_tiny_engine(tiny_inpainter, tmp_path, monkeypatch
 
     # A rerun resumes every stage: no image is generated again.
     before = manifest[["key", "created"]].sort_values("key").to_numpy().tolist()
-    run(_config(tiny_inpainter), tmp_path, force=True)
+    run(config, tmp_path, force=True)
     after = pd.read_csv(folder / "store" / "manifest.csv")[["key", "created"]]
     assert after.sort_values("key").to_numpy().tolist() == before
 
@@ -318,6 +355,19 @@ def test_dbb_end_to_end_with_a_tiny_engine(tiny_inpainter, tmp_path, monkeypatch
     from unspur.report import render_run_report
 
     assert "DBB: generated and pruned samples" in render_run_report(tmp_path)
+
+
+def results_parent(run_dir, parent: str, shape) -> np.ndarray:
+    """The parent image of a candidate, as RGB at the candidate's size."""
+
+    from unspur.config import load_config as _load
+    from unspur.data.registry import load_dataset
+
+    del run_dir
+    config = _load(None, helpers.DEBUG)
+    table = load_dataset(config.data.name, **config.data.options)
+    image = table.store.open(parent).convert("RGB")
+    return np.asarray(image.resize((shape[1], shape[0])))
 
 
 def test_dbb_ablations_no_inversion_no_pruning(tiny_inpainter, tmp_path, monkeypatch):

@@ -114,10 +114,14 @@ logger = logging.getLogger(__name__)
 
 PRUNING_MODES = ("both", "psi", "rho", "none")
 TOKEN_SOURCES = ("val_minority", "high_loss")
+#: ``Psi_i`` over the class's training samples (Eq. 3) or its low-loss subset (Alg. 2).
+PSI_REFERENCES = ("class", "low_loss")
+#: IG explains the new class ``i'`` (Eq. 4) or the source class (official generate.py).
+IG_TARGETS = ("new", "source")
 STAGE = "dbb"
 #: Reasons recorded for pruned candidates.
 REASON_PSI = "psi >= Psi_i (the new image still looks like its original class)"
-REASON_RHO = "rho <= P (the edited region does not support the new class)"
+REASON_RHO = "rho <= P_i' (the edited region does not support the new class)"
 REASON_NO_MASK = "no mask"
 
 
@@ -149,10 +153,15 @@ def resolve_k(k: Any, class_sizes: list[int] | np.ndarray) -> list[int]:
 
 
 def rank_per_class(
-    losses: np.ndarray, y: np.ndarray, counts: list[int], lowest: bool = True
+    losses: np.ndarray,
+    y: np.ndarray,
+    counts: list[int],
+    lowest: bool = True,
+    pool: np.ndarray | None = None,
 ) -> dict[int, np.ndarray]:
     """Positions of the ``counts[c]`` lowest (or highest) per-sample losses of each class
-    ``c``, best first; ties keep dataset order (stable sort).
+    ``c``, best first; ties keep dataset order (stable sort). ``pool`` (positions)
+    restricts the ranking to those samples (DBB's class-balanced training set).
 
     ``losses`` must be per sample (``reduction="none"``), never a batch mean.
     """
@@ -160,13 +169,33 @@ def rank_per_class(
     y = np.asarray(y)
     if losses.shape != y.shape:
         raise ConfigError(f"{losses.shape[0]} losses for {y.shape[0]} labels: need one per sample")
+    allowed = np.ones(len(y), dtype=bool)
+    if pool is not None:
+        allowed = np.zeros(len(y), dtype=bool)
+        allowed[np.asarray(pool, dtype=np.int64)] = True
     out = {}
     for c, count in enumerate(counts):
-        members = np.flatnonzero(y == c)
+        members = np.flatnonzero((y == c) & allowed)
         key = losses[members] if lowest else -losses[members]
         order = np.argsort(key, kind="stable")
         out[c] = members[order[:count]]
     return out
+
+
+def training_pool(y: np.ndarray, n_classes: int, class_balanced: bool, seed: int) -> np.ndarray:
+    """Positions of the training samples DBB works on: all of them, or with
+    ``class_balanced`` a random class-balanced subset (every class cut to the smallest
+    class's size, drawn by ``seed``), as the paper does for CelebA (section 7: "We also
+    used the class-balanced dataset for our approach, similar to [19]"; the official
+    loader draws ``min`` class size samples of each class at random). Selection,
+    ``Psi_i``, high-loss token samples and the real part of the retraining set all come
+    from the pool."""
+    y = np.asarray(y)
+    if not class_balanced:
+        return np.arange(len(y))
+    from unspur.train.sampling import balanced_subsample_indices
+
+    return balanced_subsample_indices(y, n_classes, seed, what="class")
 
 
 def class_mean_softmax(probabilities: np.ndarray, y: np.ndarray, n_classes: int) -> np.ndarray:
@@ -182,14 +211,94 @@ def class_mean_softmax(probabilities: np.ndarray, y: np.ndarray, n_classes: int)
     return out
 
 
-def minority_groups(train_group_counts: np.ndarray, n_classes: int, n_attrs: int) -> set[int]:
-    """Group ids ``y * n_attrs + a`` smaller than their class's largest group (from the
-    training group *sizes* only)."""
-    counts = np.asarray(train_group_counts).reshape(n_classes, n_attrs)
-    out = set()
+def low_loss_mean_softmax(
+    probabilities: np.ndarray, selected: dict[int, np.ndarray], n_classes: int
+) -> np.ndarray:
+    """``Psi_i`` as Algorithm 2 (lines 5-8) and the official code compute it: the mean
+    softmax of class ``i`` over the low-loss subset ``D_i`` selected for editing (NaN for
+    a class with no selected sample)."""
+    probabilities = np.asarray(probabilities, dtype=np.float64)
+    out = np.full(n_classes, np.nan)
     for c in range(n_classes):
-        largest = counts[c].max()
-        out |= {c * n_attrs + a for a in range(n_attrs) if counts[c, a] < largest}
+        members = np.asarray(selected.get(c, []), dtype=np.int64)
+        if len(members):
+            out[c] = float(probabilities[members, c].mean())
+    return out
+
+
+def associated_attributes(
+    train_group_counts: np.ndarray, n_classes: int, n_attrs: int
+) -> list[int]:
+    """Per class ``c``, the attribute it is spuriously correlated with: the ``a`` where
+    class ``c``'s share of the training samples, ``P(y = c | a) = n(c, a) / n(a)``, is
+    highest (from the training group *sizes*; ties: the first such ``a``).
+
+    Not the largest group of the class: in CelebA the non-blond class is correlated with
+    *men* although non-blond women are slightly more numerous (Table 7: 12,426 vs 11,841),
+    because nearly all men are non-blond. For Waterbirds both readings agree.
+    """
+    counts = np.asarray(train_group_counts, dtype=np.float64).reshape(n_classes, n_attrs)
+    per_attr = counts.sum(0)
+    share = np.where(per_attr > 0, counts / np.where(per_attr > 0, per_attr, 1.0), -1.0)
+    return [int(np.argmax(share[c])) for c in range(n_classes)]
+
+
+def token_attributes(
+    train_group_counts: np.ndarray,
+    n_classes: int,
+    n_attrs: int,
+    override: dict[int, list[int]] | None = None,
+) -> dict[int, list[int]]:
+    """Per class ``i'``, the attributes of the samples its token is learned from.
+
+    The token of ``i'`` is drawn into images of the other classes ``i``; DBB learns it
+    from minority-group samples (section 5.1, 20-40 samples; section 8.2: the non-blond
+    token from non-blond *women*): samples of ``i'`` carrying the attribute ``i`` is
+    correlated with (:func:`associated_attributes`), i.e. ``i'`` on ``i``'s usual
+    background. Waterbirds: waterbirds on land, landbirds on water; CelebA: blond men,
+    non-blond women. With more than two classes, the attributes of every other class
+    (except ``i'``'s own). ``override`` (class -> attributes) replaces the rule for the
+    classes it names.
+    """
+    assoc = associated_attributes(train_group_counts, n_classes, n_attrs)
+    out = {}
+    for c in range(n_classes):
+        attrs = sorted({assoc[o] for o in range(n_classes) if o != c} - {assoc[c]})
+        out[c] = attrs
+    for c, attrs in (override or {}).items():
+        out[int(c)] = sorted({int(a) for a in attrs})
+    return out
+
+
+def resolve_token_override(
+    value: Any, class_names: list[str], attr_names: list[str]
+) -> dict[int, list[int]]:
+    """``token_attributes`` option: a mapping class (name or index) -> attribute (name or
+    index, or a list of them); ``None`` -> empty."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(
+            "dbb option token_attributes must map a class (name or index) to an attribute "
+            f"(name or index, or a list), e.g. {{{class_names[0]!r}: {attr_names[-1]!r}}}; "
+            f"got {value!r}"
+        )
+
+    def index(item: Any, names: list[str], what: str) -> int:
+        if isinstance(item, int) and not isinstance(item, bool) and 0 <= item < len(names):
+            return int(item)
+        if isinstance(item, str) and item in names:
+            return names.index(item)
+        raise ConfigError(
+            f"dbb option token_attributes: {item!r} is not a {what} of this dataset "
+            f"(names {names} or indices 0..{len(names) - 1})"
+        )
+
+    out = {}
+    for key, attrs in value.items():
+        c = index(int(key) if isinstance(key, str) and key.isdigit() else key, class_names, "class")
+        items = attrs if isinstance(attrs, list | tuple) else [attrs]
+        out[c] = [index(a, attr_names, "attribute") for a in items]
     return out
 
 
@@ -231,6 +340,62 @@ def prune_decision(
     if mode in ("both", "rho") and not pass_rho:
         failed.append(REASON_RHO)
     return PruneDecision(not failed, pass_psi, pass_rho, "; ".join(failed))
+
+
+CALIBRATE = "calibrate"
+
+
+def resolve_rho_thresholds(value: Any, n_classes: int) -> list[float] | None:
+    """``rho_threshold``: one number for every class, a list ``[P_1, .., P_n]`` where
+    ``P_c`` applies to candidates whose *new* class is ``c`` (Algorithm 1 compares rho with
+    ``P_{i'}``; Table 10's ``P1``/``P2`` are labels 0/1), or ``"calibrate"`` (returns None:
+    the thresholds are set from the candidates' scores, :func:`calibrate_rho_thresholds`)."""
+    if isinstance(value, str) and value.strip().lower() == CALIBRATE:
+        return None
+    if isinstance(value, bool):
+        raise ConfigError(
+            f"dbb option rho_threshold must be a number, a list or 'calibrate', got {value!r}"
+        )
+    if isinstance(value, int | float):
+        return [float(value)] * n_classes
+    if isinstance(value, list | tuple) and len(value) == n_classes:
+        try:
+            return [float(v) for v in value]
+        except (TypeError, ValueError):
+            pass
+    raise ConfigError(
+        f"dbb option rho_threshold must be a number, a list of {n_classes} numbers (P_1 .. "
+        f"P_{n_classes}, by new class) or 'calibrate', got {value!r}"
+    )
+
+
+def calibrate_rho_thresholds(
+    rho: np.ndarray,
+    new_class: np.ndarray,
+    n_classes: int,
+    samples: int,
+    quantile: float,
+    seed: int,
+) -> list[float]:
+    """``P_c`` from the IG scores of a subset of generated samples (section 5.1: "The
+    threshold P was determined using IG scores from a subset of generated samples").
+
+    The paper does not give the rule; ours: per new class ``c``, a random subset (``seed``)
+    of at most ``samples`` candidates with a finite ``rho``, and ``P_c`` = the ``quantile``
+    of their ``rho``. NaN for a class without any scored candidate (nothing to keep).
+    """
+    rho = np.asarray(rho, dtype=np.float64)
+    new_class = np.asarray(new_class)
+    rng = np.random.default_rng(seed)
+    out = []
+    for c in range(n_classes):
+        members = np.flatnonzero((new_class == c) & np.isfinite(rho))
+        if not len(members):
+            out.append(math.nan)
+            continue
+        subset = rng.permutation(members)[:samples]
+        out.append(float(np.quantile(rho[subset], quantile)))
+    return out
 
 
 # ------------------------------------------------------------------- objective
@@ -312,14 +477,39 @@ def _check_options(options: dict[str, Any], n_classes: int) -> None:
         )
     if options["init"] not in ("reference", "scratch"):
         raise ConfigError(f"dbb option init={options['init']!r} is not reference|scratch")
+    if options["psi_reference"] not in PSI_REFERENCES:
+        raise ConfigError(
+            f"dbb option psi_reference={options['psi_reference']!r} is not one of {PSI_REFERENCES}"
+        )
+    if options["ig_target"] not in IG_TARGETS:
+        raise ConfigError(
+            f"dbb option ig_target={options['ig_target']!r} is not one of {IG_TARGETS}"
+        )
+    if options["retrain_optimizer"] not in (None, "sgd", "adam", "adamw"):
+        raise ConfigError(
+            f"dbb option retrain_optimizer={options['retrain_optimizer']!r} is not sgd, adam, "
+            "adamw or null (the run's train.optimizer)"
+        )
+    quantile = options["rho_calibration_quantile"]
+    if (
+        isinstance(quantile, bool)
+        or not isinstance(quantile, int | float)
+        or not 0 <= quantile <= 1
+    ):
+        raise ConfigError(
+            f"dbb option rho_calibration_quantile must be a number in [0, 1], got {quantile!r}"
+        )
+    flip = options["inversion_flip_probability"]
+    if isinstance(flip, bool) or not isinstance(flip, int | float) or not 0 <= flip <= 1:
+        raise ConfigError(f"dbb option inversion_flip_probability must be in [0, 1], got {flip!r}")
     if options["ig_output"] not in ("logit", "probability"):
         raise ConfigError(f"dbb option ig_output={options['ig_output']!r} is not logit|probability")
-    for key in ("textual_inversion",):
+    for key in ("textual_inversion", "paste_back", "class_balanced"):
         if not isinstance(options[key], bool):
             raise ConfigError(f"dbb option {key} must be true or false")
     positive = (
         "token_samples", "inversion_steps", "inversion_batch_size", "ig_steps",
-        "ig_batch_size", "generation_batch_size", "copies",
+        "ig_batch_size", "generation_batch_size", "copies", "rho_calibration_samples",
     )  # fmt: skip
     for key in positive:
         value = options[key]
@@ -345,10 +535,12 @@ def _check_options(options: dict[str, Any], n_classes: int) -> None:
     if n_classes < 2:
         raise ConfigError("DBB turns samples of one class into another: it needs >= 2 classes")
     resolve_gammas(options["gamma"], n_classes)
-    try:
-        float(options["rho_threshold"])
-    except (TypeError, ValueError) as err:
-        raise ConfigError("dbb option rho_threshold must be a number") from err
+    resolve_rho_thresholds(options["rho_threshold"], n_classes)
+    value = options["retrain_weight_decay"]
+    if value is not None and (
+        isinstance(value, bool) or not isinstance(value, int | float) or value < 0
+    ):
+        raise ConfigError(f"dbb option retrain_weight_decay must be >= 0 or null, got {value!r}")
 
 
 def _target_class(source: int, copy: int, n_classes: int) -> int:
@@ -377,24 +569,33 @@ class DBB(Method):
         "mask_dilation": 0,
         "mask_region": "mask",
         "k": 500,
+        "class_balanced": False,
         "copies": 1,
         "textual_inversion": True,
+        "inversion_model": None,
         "token_source": "val_minority",
+        "token_attributes": None,
         "token_samples": 30,
         "initializer": None,
         "inversion_steps": 3000,
         "inversion_lr": 5e-4,
         "inversion_batch_size": 4,
+        "inversion_flip_probability": 0.0,
         "inversion_templates": None,
         "prompt_template": "a photo of a {token} {name}",
         "plain_template": "a photo of a {name}",
         "steps": None,
         "guidance_scale": None,
         "strength": 1.0,
+        "paste_back": False,
         "generation_batch_size": 8,
+        "psi_reference": "class",
         "pruning": "both",
-        "rho_threshold": 0.0,
-        "ig_steps": 32,
+        "rho_threshold": CALIBRATE,
+        "rho_calibration_samples": 100,
+        "rho_calibration_quantile": 0.25,
+        "ig_target": "new",
+        "ig_steps": 50,
         "ig_internal_batch_size": 256,
         "ig_batch_size": 32,
         "ig_output": "logit",
@@ -403,6 +604,8 @@ class DBB(Method):
         "retrain_epochs": None,
         "retrain_lr": None,
         "retrain_batch_size": None,
+        "retrain_optimizer": None,
+        "retrain_weight_decay": None,
         "figures": 8,
     }
     # A tiny, fast run for the registry-wide test: a tiny domain model trained for one
@@ -439,10 +642,14 @@ class DBB(Method):
         batch = context.config.train.eval_batch_size
         losses, probabilities = reference_scores(reference, view, batch)
         y = view.y.numpy()
-        psi_thresholds = class_mean_softmax(probabilities, y, n_classes)
-        class_sizes = np.bincount(y, minlength=n_classes)
+        pool = training_pool(y, n_classes, bool(options["class_balanced"]), context.config.seed)
+        class_sizes = np.bincount(y[pool], minlength=n_classes)
         counts = resolve_k(options["k"], class_sizes)
-        selected = rank_per_class(losses, y, counts, lowest=True)
+        selected = rank_per_class(losses, y, counts, lowest=True, pool=pool)
+        if options["psi_reference"] == "low_loss":
+            psi_thresholds = low_loss_mean_softmax(probabilities, selected, n_classes)
+        else:
+            psi_thresholds = class_mean_softmax(probabilities[pool], y[pool], n_classes)
         reference_id = model_hash(reference)[:16]  # the whole model: psi needs the head
 
         generator = self._generator(context, options)
@@ -451,12 +658,15 @@ class DBB(Method):
         tokens: dict[int, str] = {}
         if options["textual_inversion"]:
             tokens, token_info = self._tokens(
-                context, options, generator, masker, losses, y, directory
+                context, options, generator, masker, losses, y, pool, directory
             )
         atomic_write_json(
             directory / "selection.json",
             {
                 "k": counts,
+                "class_balanced": bool(options["class_balanced"]),
+                "pool_size": int(len(pool)),
+                "psi_reference": options["psi_reference"],
                 "psi_thresholds": psi_thresholds.tolist(),
                 "selected": {str(c): p.tolist() for c, p in selected.items()},
                 "selected_losses": {str(c): losses[p].tolist() for c, p in selected.items()},
@@ -469,15 +679,22 @@ class DBB(Method):
             context, options, generator, masker, reference, selected, tokens,
             psi_thresholds, reference_id, directory,
         )  # fmt: skip
-        candidates = self._decide(store, requests, mask_ok, psi_thresholds, options)
+        candidates, rho_thresholds = self._decide(
+            store, requests, mask_ok, psi_thresholds, options, n_classes, context.config.seed
+        )
         atomic_write_text(directory / "candidates.csv", candidates.to_csv(index=False))
         statistics = self._statistics(candidates, counts, table.class_names, options)
+        statistics["rho_thresholds"] = rho_thresholds
+        statistics["rho_calibrated"] = (
+            resolve_rho_thresholds(options["rho_threshold"], n_classes) is None
+        )
+        statistics["psi_thresholds"] = psi_thresholds.tolist()
         atomic_write_json(directory / "statistics.json", statistics)
         atomic_write_text(directory / "statistics.md", statistics_markdown(statistics) + "\n")
         if options["figures"]:
             self._figure(store, candidates, directory, table, options["figures"])
 
-        model, result = self._retrain(context, options, reference, store, candidates)
+        model, result = self._retrain(context, options, reference, store, candidates, pool)
         summary = {
             "pruning": options["pruning"],
             "textual_inversion": options["textual_inversion"],
@@ -505,23 +722,16 @@ class DBB(Method):
         )
 
     # --------------------------------------------------------------- tokens
-    def _tokens(self, context, options, generator, masker, losses, y, directory):
-        from unspur.generate.textual_inversion import (
-            IMAGENET_TEMPLATES_SMALL,
-            load_embedding,
-            train_textual_inversion,
-        )
+    def _tokens(self, context, options, generator, masker, losses, y, pool, directory):
+        """One token per class, learned on the text-to-image model of the generator's
+        family (:func:`inversion_weights`) with the class name in the template, then
+        loaded into the inpainting pipeline (dimension check in ``load_embedding``)."""
+        from unspur.generate.textual_inversion import load_embedding, train_textual_inversion
 
         table = context.train.table
         n_classes = table.n_classes
-        samples = self._token_samples(context, options, losses, y)
-        templates = options["inversion_templates"]
-        if templates is None:
-            templates = (
-                ["a photo of a {}"]
-                if _is_domain(options["generator"])
-                else list(IMAGENET_TEMPLATES_SMALL)
-            )
+        samples = self._token_samples(context, options, losses, y, pool)
+        inversion, weights = self._inversion_pipeline(context, options, generator)
         files: dict[int, Path] = {}
         info: dict[str, Any] = {}
         for c in range(n_classes):
@@ -531,17 +741,22 @@ class DBB(Method):
                     f"DBB found no sample of class {table.class_names[c]!r} for its token"
                 )
             images = [dataset.raw(int(p)) for p in positions]
-            results = masker.masks(dataset, positions, images, [c] * len(positions), c)
-            good = [i for i, r in enumerate(results) if r.ok]
             masks = None
-            if good:
-                images = [images[i] for i in good]
-                masks = [results[i].mask for i in good]
+            with_masks = 0
+            if _is_inpainting(inversion):  # inversion_model: generator (an inpainting UNet)
+                results = masker.masks(dataset, positions, images, [c] * len(positions), c)
+                good = [i for i, r in enumerate(results) if r.ok]
+                if good:
+                    images = [images[i] for i in good]
+                    masks = [results[i].mask for i in good]
+                    with_masks = len(good)
             initializer = options["initializer"] or _initializer(
-                generator.pipeline.tokenizer, table.class_names[c], options["object_word"]
+                inversion.tokenizer, table.class_names[c], options["object_word"]
             )
+            name = _name(options["object_word"] or table.class_names[c])
+            templates = inversion_templates(options, name)
             files[c] = train_textual_inversion(
-                generator.pipeline,
+                inversion,
                 images,
                 directory / "tokens" / f"class{c}",
                 placeholder_token=_token(c),
@@ -552,6 +767,7 @@ class DBB(Method):
                 batch_size=int(options["inversion_batch_size"]),
                 seed=context.config.seed,
                 masks=masks,
+                flip_probability=float(options["inversion_flip_probability"]),
                 save_every=max(1, min(500, int(options["inversion_steps"]))),
                 device=_device(context) or "auto",
             )
@@ -559,40 +775,68 @@ class DBB(Method):
                 "token": _token(c),
                 "source": source,
                 "positions": [int(p) for p in positions],
-                "with_masks": len(good),
+                "attributes": [int(a) for a in np.unique(dataset.a.numpy()[positions])],
+                "with_masks": with_masks,
                 "initializer": initializer,
+                "templates": templates[:3],
+                "inversion_model": weights,
                 "file": str(files[c].relative_to(directory)),
                 "digest": _file_digest(files[c]),
             }
+        if inversion is not generator.pipeline:
+            _check_same_text_encoder(inversion, generator.pipeline, weights)
+            del inversion
         for c, file in files.items():
             load_embedding(generator.pipeline, file, _token(c))
         return {c: _token(c) for c in files}, info
 
-    def _token_samples(self, context, options, losses, y):
-        """Per class: (dataset, positions, source) of the token's training images."""
+    def _inversion_pipeline(self, context, options, generator):
+        """The pipeline tokens are trained on and its weights' name."""
+        weights = inversion_weights(options, context)
+        if weights == "generator":
+            return generator.pipeline, "generator"
+        from unspur.generate.pipelines import load_generator
+
+        t2i = load_generator(weights, "text2image", device=_device(context), cache=False)
+        return t2i.pipeline, weights
+
+    def _token_samples(self, context, options, losses, y, pool):
+        """Per class: (dataset, positions, source) of the token's training images.
+
+        ``val_minority``: validation samples of class ``i'`` with the attributes of
+        :func:`token_attributes` (the other class's usual attribute; override with
+        ``token_attributes``), ``token_samples`` of them drawn by the run seed; a class
+        with none falls back to ``high_loss``: its highest-loss training samples under ERM
+        (the paper's other source, section 5.1).
+        """
         table = context.train.table
         n = int(options["token_samples"])
         rng = np.random.default_rng(context.config.seed)
         out = {}
         source = options["token_source"]
-        minority = minority_groups(context.train_group_counts, table.n_classes, table.n_attrs)
+        override = resolve_token_override(
+            options["token_attributes"], list(table.class_names), list(table.attr_names)
+        )
+        wanted_attrs = token_attributes(
+            context.train_group_counts, table.n_classes, table.n_attrs, override
+        )
         for c in range(table.n_classes):
             if source == "val_minority" and context.val is not None:
-                g = context.val.g.numpy()
                 members = np.flatnonzero(
-                    (context.val.y.numpy() == c) & np.isin(g, sorted(minority))
+                    (context.val.y.numpy() == c) & np.isin(context.val.a.numpy(), wanted_attrs[c])
                 )
                 if len(members):
                     chosen = np.sort(rng.permutation(members)[:n])
                     out[c] = (context.val, chosen, "val_minority")
                     continue
                 logger.warning(
-                    "DBB: no validation minority sample of class %s; its token uses the "
-                    "highest-loss training samples instead",
+                    "DBB: no validation sample of class %s with attribute(s) %s; its token "
+                    "uses the highest-loss training samples instead",
                     table.class_names[c],
+                    [table.attr_names[a] for a in wanted_attrs[c]],
                 )
             wanted = [n if k == c else 0 for k in range(table.n_classes)]
-            top = rank_per_class(losses, y, wanted, lowest=False)[c]
+            top = rank_per_class(losses, y, wanted, lowest=False, pool=pool)[c]
             out[c] = (context.train, np.sort(top), "high_loss")
         return out
 
@@ -612,7 +856,7 @@ class DBB(Method):
             strength=float(options["strength"]),
             batch_size=int(options["generation_batch_size"]),
             mask_dilation=0,  # masks are dilated before they are stored
-            paste_back=True,
+            paste_back=bool(options["paste_back"]),  # Eq. 2: none (the pipeline's output)
         )
         token_digest = {
             str(c): _file_digest(directory / "tokens" / f"class{c}" / "learned_embeds.safetensors")
@@ -658,6 +902,7 @@ class DBB(Method):
                                     "strength": settings.strength,
                                     "mask_dilation": int(options["mask_dilation"]),
                                     "mask_region": options["mask_region"],
+                                    "paste_back": bool(options["paste_back"]),
                                 },
                             },
                         )  # fmt: skip
@@ -681,7 +926,9 @@ class DBB(Method):
                     out[i] = image
             return out
 
-        scorer = _Scorer(reference, context.eval_transform, psi_thresholds, options, mask_ok)
+        scorer = _Scorer(
+            reference, context.eval_transform, psi_thresholds, options, mask_ok, n_classes
+        )
         store = SyntheticStore(directory / "store")
         generate_into_store(
             store,
@@ -702,22 +949,47 @@ class DBB(Method):
         return options["plain_template"].format(name=name)
 
     # ------------------------------------------------------------- pruning
-    def _decide(self, store, requests, mask_ok, psi_thresholds, options):
+    def _decide(self, store, requests, mask_ok, psi_thresholds, options, n_classes, seed):
+        """Every candidate's scores, thresholds and verdicts (``candidates.csv``) and the
+        per-new-class ``P`` (given, or calibrated here from the stored rho scores).
+
+        ``kept_paper_rule`` is the paper's rule (both conditions) under the thresholds of
+        *this* run, recomputed from the stored scores; ``used`` the ``pruning`` mode's.
+        """
         import pandas as pd
 
         frame = store.to_frame([r.key for r in requests])
         wanted = {r.key for r in requests}
         frame = frame[frame["key"].isin(wanted)].reset_index(drop=True)
-        threshold = float(options["rho_threshold"])
+        thresholds = resolve_rho_thresholds(options["rho_threshold"], n_classes)
+        if thresholds is None:
+            ok = frame["key"].map(lambda k: bool(mask_ok.get(k, (True, "", 0.0))[0]))
+            scores = frame["score_rho"] if "score_rho" in frame.columns else None
+            rho = (
+                pd.to_numeric(scores, errors="coerce").to_numpy(dtype=np.float64)
+                if scores is not None
+                else np.full(len(frame), np.nan)
+            )
+            rho = np.where(ok.to_numpy(dtype=bool), rho, np.nan)
+            thresholds = calibrate_rho_thresholds(
+                rho,
+                frame["y"].to_numpy(),
+                n_classes,
+                int(options["rho_calibration_samples"]),
+                float(options["rho_calibration_quantile"]),
+                seed,
+            )
         rows = []
         for _, row in frame.iterrows():
             source = int(row["extra_source_y"])
+            target = int(row["y"])
             psi = _float(row.get("score_psi"))
             rho = _float(row.get("score_rho"))
             ok = bool(mask_ok.get(row["key"], (True, "", 0.0))[0])
-            decision = prune_decision(
-                psi, float(psi_thresholds[source]), rho, threshold, options["pruning"], ok
-            )
+            threshold = float(thresholds[target])
+            psi_threshold = float(psi_thresholds[source])
+            decision = prune_decision(psi, psi_threshold, rho, threshold, options["pruning"], ok)
+            paper = prune_decision(psi, psi_threshold, rho, threshold, "both", ok)
             reason = decision.reason
             if not ok:
                 reason = f"{REASON_NO_MASK} ({mask_ok[row['key']][1] or 'empty'})"
@@ -727,16 +999,16 @@ class DBB(Method):
                     "filename": row["filename"],
                     "parent": row["parent"],
                     "source_y": source,
-                    "y": int(row["y"]),
+                    "y": target,
                     "a": int(row["a"]),
                     "mask_ok": ok,
                     "psi": psi,
-                    "Psi": float(psi_thresholds[source]),
+                    "Psi": psi_threshold,
                     "pass_psi": decision.pass_psi,
                     "rho": rho,
                     "P": threshold,
                     "pass_rho": decision.pass_rho,
-                    "kept_paper_rule": bool(row["kept"]),
+                    "kept_paper_rule": paper.keep,
                     "used": decision.keep,
                     "reason": reason,
                 }
@@ -745,7 +1017,7 @@ class DBB(Method):
             "key", "filename", "parent", "source_y", "y", "a", "mask_ok", "psi", "Psi",
             "pass_psi", "rho", "P", "pass_rho", "kept_paper_rule", "used", "reason",
         ]  # fmt: skip
-        return pd.DataFrame(rows, columns=columns)
+        return pd.DataFrame(rows, columns=columns), [float(v) for v in thresholds]
 
     @staticmethod
     def _statistics(candidates, counts, class_names, options) -> dict[str, Any]:
@@ -810,18 +1082,21 @@ class DBB(Method):
             label = (
                 f"{class_names[int(row['source_y'])]}->{class_names[int(row['y'])]} "
                 f"{'used' if row['used'] else 'pruned'} psi={row['psi']:.2f} rho={row['rho']:.2f}"
+                f" P={row['P']:.2f}"
             )
             draw.text((3, top + cell + 1), label[: 3 * cell // 6], fill="black")
         save_png(canvas, directory / "figures" / "samples.png")
 
     # ------------------------------------------------------------ retraining
-    def _retrain(self, context, options, reference, store, candidates):
+    def _retrain(self, context, options, reference, store, candidates, pool):
         table = context.train.table
         used = set(candidates.loc[candidates["used"], "key"]) if len(candidates) else set()
         merged = store.to_table(table, kept_only=False, prefix="dbb-generated/")
         frame = merged.frame
         synthetic = (frame["source"] == "synthetic").to_numpy()
-        keep = ~synthetic
+        in_pool = np.zeros(len(frame), dtype=bool)
+        in_pool[np.asarray(pool, dtype=np.int64)] = True  # real rows come first, in order
+        keep = ~synthetic & in_pool
         if "key" in frame.columns:
             keep = keep | frame["key"].isin(used).to_numpy()
         merged = merged.subset(keep)
@@ -835,6 +1110,12 @@ class DBB(Method):
             epochs=int(options["retrain_epochs"] or base.epochs),
             lr=float(options["retrain_lr"] if options["retrain_lr"] is not None else base.lr),
             batch_size=int(options["retrain_batch_size"] or base.batch_size),
+            optimizer=options["retrain_optimizer"] or base.optimizer,
+            weight_decay=float(
+                base.weight_decay
+                if options["retrain_weight_decay"] is None
+                else options["retrain_weight_decay"]
+            ),
         )
         model = reference if options["init"] == "reference" else context.build_model()
         objective = DBBObjective(is_generated, resolve_gammas(options["gamma"], table.n_classes))
@@ -845,14 +1126,47 @@ class DBB(Method):
 
 
 # ------------------------------------------------------------------ scoring
+def rho_scores(
+    model: nn.Module,
+    new: torch.Tensor,
+    old: torch.Tensor,
+    masks: torch.Tensor,
+    targets: list[int],
+    options: dict[str, Any],
+) -> torch.Tensor:
+    """Eq. 4-5: IG of class ``targets`` (the new class ``i'``) along the straight path
+    from the original image ``old`` (the baseline) to the generated ``new``, summed over
+    channels and over the pixels of ``masks``. ``new`` is the inpainting model's output
+    as it is (no paste-back by default), so pixels outside the mask may differ from the
+    baseline too; their attributions are left out of ``rho`` (the paper's sum is inside
+    the mask). Model inputs through the classifier's eval transform."""
+    from unspur.explain.integrated_gradients import (
+        integrated_gradients,
+        masked_attribution_sum,
+    )
+
+    attributions = integrated_gradients(
+        model,
+        new,
+        old,
+        targets,
+        n_steps=int(options["ig_steps"]),
+        internal_batch_size=options["ig_internal_batch_size"],
+        batch_size=int(options["ig_batch_size"]),
+        output=options["ig_output"],
+    )
+    return masked_attribution_sum(attributions, masks)
+
+
 class _Scorer:
     """The store filters: mask, ``psi`` and ``rho`` of each generated batch."""
 
-    def __init__(self, model, transform, psi_thresholds, options, mask_ok) -> None:
+    def __init__(self, model, transform, psi_thresholds, options, mask_ok, n_classes) -> None:
         self.model = model
         self.transform = transform
         self.psi_thresholds = psi_thresholds
-        self.rho_threshold = float(options["rho_threshold"])
+        # None: P is calibrated after generation; the store records rho and keeps.
+        self.rho_thresholds = resolve_rho_thresholds(options["rho_threshold"], n_classes)
         self.options = options
         self.mask_ok = mask_ok
 
@@ -891,10 +1205,6 @@ class _Scorer:
         return out
 
     def rho_filter(self, requests, images):
-        from unspur.explain.integrated_gradients import (
-            integrated_gradients,
-            masked_attribution_sum,
-        )
         from unspur.generate.store import FilterResult
 
         out: list[FilterResult | None] = [None] * len(requests)
@@ -908,20 +1218,15 @@ class _Scorer:
             masks = torch.stack(
                 [_mask_tensor(requests[j].mask, self.transform, size) for j in todo]
             )
-            targets = [int(requests[j].y) for j in todo]
-            attributions = integrated_gradients(
-                self.model,
-                new,
-                old,
-                targets,
-                n_steps=int(self.options["ig_steps"]),
-                internal_batch_size=self.options["ig_internal_batch_size"],
-                batch_size=int(self.options["ig_batch_size"]),
-                output=self.options["ig_output"],
-            )
-            rho = masked_attribution_sum(attributions, masks)
+            key = "y" if self.options["ig_target"] == "new" else "source_y"
+            targets = [
+                int(requests[j].y if key == "y" else requests[j].extra["source_y"]) for j in todo
+            ]
+            rho = rho_scores(self.model, new, old, masks, targets, self.options)
             for j, value in zip(todo, rho.tolist(), strict=True):
-                keep = value > self.rho_threshold
+                keep = True
+                if self.rho_thresholds is not None:
+                    keep = value > self.rho_thresholds[int(requests[j].y)]
                 out[j] = FilterResult("rho", float(value), keep, "" if keep else REASON_RHO)
         if any(o is None for o in out):
             raise UnspurError("DBB rho filter left a candidate without a verdict")
@@ -1055,13 +1360,94 @@ def _sampling(options: dict[str, Any], context: RunContext) -> tuple[int, float]
     return steps, guidance
 
 
+#: Inpainting checkpoints and the text-to-image model of their family (same text
+#: encoder), on which DBB's tokens are learned: the official DBB code trains on SD-2 base
+#: for SD-2 inpainting (README: ``--pretrained_model_name_or_path
+#: stabilityai/stable-diffusion-2-base``).
+TEXT2IMAGE_OF = {
+    "stabilityai/stable-diffusion-2-inpainting": "stabilityai/stable-diffusion-2-base",
+    "runwayml/stable-diffusion-inpainting": "runwayml/stable-diffusion-v1-5",
+}
+
+
+def inversion_weights(options: dict[str, Any], context: RunContext) -> str:
+    """Where the tokens are learned (``inversion_model``): ``null`` = the text-to-image
+    model of the generator's family (a domain model's own text-to-image pipeline, which
+    shares the inpainting pipeline's text encoder; :data:`TEXT2IMAGE_OF` for hub
+    checkpoints); ``"generator"`` = the inpainting pipeline itself (object masks as the
+    inpainting region); anything else = a hub id or local directory of a text-to-image
+    pipeline with the generator's text encoder."""
+    from unspur.generate.engine import pipeline_weights
+
+    chosen = options["inversion_model"]
+    if chosen is not None:
+        return str(chosen)
+    spec = str(options["generator"])
+    if _is_domain(spec):
+        return pipeline_weights(
+            spec, "text2image", table=context.train.table, run_dir=context.out_dir,
+            domain=options["domain"],
+        )  # fmt: skip
+    if spec in TEXT2IMAGE_OF:
+        return TEXT2IMAGE_OF[spec]
+    raise ConfigError(
+        f"dbb: which text-to-image model shares the text encoder of generator {spec!r}? Set "
+        "method option inversion_model to its hub id or directory (DBB learns its tokens "
+        "there, e.g. stabilityai/stable-diffusion-2-base for SD-2 inpainting), or to "
+        "'generator' to learn them on the inpainting pipeline itself"
+    )
+
+
+def inversion_templates(options: dict[str, Any], name: str) -> list[str]:
+    """Token templates with the class name after the token (section 4.1: "A photo of a
+    [C_landbird] bird"): ``inversion_templates`` (each with ``{}`` for the token and
+    optionally ``{name}``), else diffusers' object templates with `` {name}`` after the
+    token (as the official DBB ``textual_inversion.py`` does with "animal")."""
+    from unspur.generate.textual_inversion import IMAGENET_TEMPLATES_SMALL
+
+    given = options["inversion_templates"]
+    if given is None:
+        base = list(IMAGENET_TEMPLATES_SMALL)
+        if _is_domain(str(options["generator"])):
+            base = ["a photo of a {}"]  # a domain model only knows its captions' words
+        return [template.replace("{}", "{} " + name) for template in base]
+    if isinstance(given, str) or not all(isinstance(x, str) and "{}" in x for x in given):
+        raise ConfigError("dbb option inversion_templates must be a list of strings with {}")
+    return [template.replace("{name}", name) for template in given]
+
+
+def _is_inpainting(pipeline: Any) -> bool:
+    from unspur.generate.textual_inversion import resolve_components
+
+    return resolve_components(pipeline).is_inpainting
+
+
+def _check_same_text_encoder(inversion: Any, pipeline: Any, weights: str) -> None:
+    """Warn when the token-embedding matrices of the two text encoders differ (a token
+    then means something else in the inpainting pipeline); the dimension check itself
+    is ``load_embedding``'s."""
+    a = inversion.text_encoder.get_input_embeddings().weight
+    b = pipeline.text_encoder.get_input_embeddings().weight
+    n = min(a.shape[0], b.shape[0])
+    same = a.shape[-1] == b.shape[-1] and torch.equal(
+        a[:n].detach().to("cpu", torch.float16), b[:n].detach().to("cpu", torch.float16)
+    )
+    if not same:
+        logger.warning(
+            "DBB: the text encoder of %s differs from the inpainting pipeline's; tokens "
+            "learned there may not carry over (set inversion_model to the text-to-image "
+            "model of the generator's family)",
+            weights,
+        )
+
+
 def _initializer(tokenizer, class_name: str, object_word: str | None) -> str:
-    """A one-token word to start a class's token from: the class name, its last word,
-    the object word, else "object" / "photo"."""
+    """A one-token word to start a class's token from: the object word (the class name
+    of the template; the official DBB command initialises with it, "animal"), else the
+    class name, its last word, else "object" / "photo"."""
     name = _name(class_name)
-    candidates = [name.replace(" ", ""), name.split(" ")[-1] if name else ""]
-    if object_word:
-        candidates.append(_name(object_word))
+    candidates = [_name(object_word)] if object_word else []
+    candidates += [name.replace(" ", ""), name.split(" ")[-1] if name else ""]
     candidates += ["object", "photo", "a"]
     for word in candidates:
         if word and len(tokenizer.encode(word, add_special_tokens=False)) == 1:
