@@ -103,3 +103,149 @@ def test_attribute_typo_is_caught(tmp_path: Path) -> None:
         DataError, match=r"column 'a': label 7 makes 8 attribute ids.*a=2, 3, 4, 5, 6"
     ):
         load_dataset("csv", tmp_path)
+
+
+# ------------------------------------------------------------------ CLI runs on a CSV dataset
+def csv_run_args(root: Path, out: Path, *extra: str) -> list[str]:
+    """``unspur run`` on a ``write_csv`` dataset: tiny CNN, 8-pixel images, two epochs."""
+    values = [
+        "data.name=csv",
+        f"data.root={root}",
+        "data.image_size=8",
+        "model.arch=small_cnn",
+        "model.options.widths=[4,4]",
+        "train.epochs=2",
+        "train.batch_size=4",
+        "train.progress=false",
+        "train.augment=false",
+        "train.threads=1",
+        *extra,
+    ]
+    return ["run", "--out", str(out), *[arg for v in values for arg in ("--set", v)]]
+
+
+def one_clean_paragraph(err: str) -> str:
+    lines = [line for line in err.strip().splitlines() if line.startswith("unspur: error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def test_corrupt_trainer_checkpoint_says_which_file_and_how_to_restart(tmp_path: Path, capsys):
+    import torch
+
+    from unspur.cli import main
+
+    write_csv(tmp_path / "data", FOUR_GROUPS)
+    out = tmp_path / "run"
+    args = csv_run_args(tmp_path / "data", out)
+    assert main(args) == 0
+    trainer = out / "erm" / "checkpoints" / "last" / "trainer.pt"
+    good = trainer.read_bytes()
+    capsys.readouterr()
+
+    class Evil:
+        def __reduce__(self):
+            return (Path.touch, (tmp_path / "pwned",))
+
+    def pickled(path: Path) -> None:
+        torch.save({"epoch": Evil()}, path)
+
+    for corrupt in (
+        lambda path: path.write_bytes(b"not a checkpoint at all"),  # UnpicklingError
+        lambda path: path.write_bytes(good[: len(good) // 2]),  # truncated zip
+        pickled,  # arbitrary objects: refused by weights_only=True, never executed
+    ):
+        corrupt(trainer)
+        assert main([*args, "--force"]) == 2
+        message = one_clean_paragraph(capsys.readouterr().err)
+        assert f"cannot resume from {trainer}" in message
+        assert f"delete {trainer.parent}" in message and "stage 'erm'" in message
+        assert not (tmp_path / "pwned").exists()
+    # The advice works: without that folder the stage trains again from its first epoch.
+    import shutil
+
+    shutil.rmtree(trainer.parent)
+    assert main([*args, "--force"]) == 0
+
+
+def test_unreadable_image_behind_dataloader_workers_is_one_clean_message(
+    tmp_path: Path, capsys
+) -> None:
+    from unspur.cli import main
+
+    write_csv(tmp_path / "data", FOUR_GROUPS)
+    (tmp_path / "data" / "img" / "train01.png").write_bytes(b"not an image")
+    args = csv_run_args(tmp_path / "data", tmp_path / "run", "train.num_workers=1")
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    message = one_clean_paragraph(err)
+    assert "cannot decode image" in message and "train01.png" in message
+    assert "data.on_bad_image=skip" in message
+    assert "Original Traceback" not in err and "worker.py" not in err
+
+
+# ------------------------------------------------------------------ threads and wall time
+def test_threads_default_to_the_cores_this_process_may_use(monkeypatch) -> None:
+    import os
+
+    import torch
+
+    from unspur.errors import ConfigError
+    from unspur.train import loop
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(4)
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+        assert loop.available_cores() == 2
+        assert loop.resolve_threads(None) == 2  # the affinity mask, not every core
+        torch.set_num_threads(1)
+        assert loop.resolve_threads(None) == 1  # never more than OMP_NUM_THREADS / torch
+        assert loop.apply_threads(3) == 3 and torch.get_num_threads() == 3
+        monkeypatch.delattr(os, "sched_getaffinity", raising=False)
+        monkeypatch.setattr(os, "cpu_count", lambda: 5)
+        assert loop.available_cores() == 5
+        with pytest.raises(ConfigError, match=r"train.threads=0 must be a whole number >= 1"):
+            loop.resolve_threads(0)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_run_records_threads_and_sums_wall_time_over_invocations(
+    tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """The first invocation is slow (sleeps) and interrupted after its first epoch; the
+    resumed run's ``wall_seconds`` includes that checkpointed time."""
+    import json
+    import time
+
+    from unspur.cli import main
+    from unspur.train.objectives import Objective
+
+    write_csv(tmp_path / "data", FOUR_GROUPS)
+    out = tmp_path / "run"
+    args = csv_run_args(tmp_path / "data", out)
+    original = Objective.__call__
+    calls = {"n": 0}
+
+    def slow_then_interrupt(self, logits, y, g, index):
+        calls["n"] += 1
+        if calls["n"] > 1:  # one batch per epoch: the second epoch is interrupted
+            raise KeyboardInterrupt
+        time.sleep(2.0)
+        return original(self, logits, y, g, index)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Objective, "__call__", slow_then_interrupt)
+        assert main(args) == 130
+    capsys.readouterr()
+    started = time.perf_counter()
+    assert main(args) == 0
+    second = time.perf_counter() - started
+    results = json.loads((out / "results.json").read_text())
+    timing = json.loads((out / "erm" / "timing.json").read_text())
+    assert results["threads"] == 1 and timing["threads"] == 1
+    assert results["config"]["train"]["threads"] == 1
+    assert timing["earlier_seconds"] >= 2.0
+    assert results["wall_seconds"] >= timing["earlier_seconds"] + 0.0
+    assert results["wall_seconds"] > second + 1.5  # today's code: this invocation only

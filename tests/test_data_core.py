@@ -65,7 +65,7 @@ def test_corrupt_image_fail_and_skip(tmp_path):
     table = folder_table(tmp_path)
     (tmp_path / "data" / "3.png").write_bytes(b"not an image")
     dataset = GroupDataset(table, eval_transform(8, 1.0))
-    with pytest.raises(DataError, match=r"3.png.*--on-bad-image skip"):
+    with pytest.raises(DataError, match=r"3.png.*data.on_bad_image=skip"):
         dataset[3]
     kept = drop_bad_images(table, "skip")
     assert len(kept.frame) == 7 and kept.info["skipped_bad_images"] == 1

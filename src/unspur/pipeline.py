@@ -28,6 +28,7 @@ from unspur.methods.base import RunContext, get_method
 from unspur.models.checkpoint import load_checkpoint, save_checkpoint
 from unspur.models.factory import build_model
 from unspur.stages import RUN_FILE, StagedContext, is_finished, run_fingerprint, run_inputs
+from unspur.train.loop import apply_threads, earlier_seconds
 from unspur.train.seeding import seed_everything
 
 
@@ -172,6 +173,7 @@ def run(config: RunConfig, out_dir: str | Path, *, force: bool = False) -> dict[
     )
     atomic_write_text(out_dir / "config.yaml", dump_config(config))
     started = time.perf_counter()
+    threads = apply_threads(config.train.threads)
     prepared = prepare_data(config)
     method_cls = get_method(config.method.name)
     options = method_cls.resolve_options(config.method.options)
@@ -226,7 +228,9 @@ def run(config: RunConfig, out_dir: str | Path, *, force: bool = False) -> dict[
         "method_options": options,
         "fingerprint": fingerprint,
         "versions": library_versions(),
-        "wall_seconds": time.perf_counter() - started,
+        "threads": threads,
+        # This invocation plus the training that earlier (interrupted) ones checkpointed.
+        "wall_seconds": time.perf_counter() - started + earlier_seconds(out_dir, context.stages),
     }
     atomic_write_json(out_dir / "results.json", results)
     atomic_write_json(

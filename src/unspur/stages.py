@@ -28,6 +28,7 @@ COSMETIC_KEYS = (
     "train.eval_batch_size",
     "train.checkpoint_every",
     "train.tensorboard",
+    "train.threads",
 )
 #: Stages whose training does not depend on the method: the ERM reference model. A
 #: rerun with another method or other method options on the same directory reuses them.

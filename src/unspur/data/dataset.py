@@ -13,6 +13,31 @@ from unspur.data.table import GroupTable
 from unspur.errors import DataError
 
 
+class ItemError(DataError):
+    """A :class:`DataError` raised while loading an item, readable after a worker.
+
+    A DataLoader worker sends the exception back as text and the main process rebuilds
+    it as ``type(exc)("Caught ... in DataLoader worker process 0. Original Traceback
+    ...")``: 30 lines of worker traceback around the one sentence the user needs. This
+    class keeps only the original message (plus where it happened), so the CLI prints
+    the same paragraph with ``num_workers > 0`` as without.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(_worker_message(message, type(self)))
+
+
+def _worker_message(message: str, cls: type) -> str:
+    if not (message.startswith("Caught ") and "Original Traceback" in message):
+        return message
+    marker = f"\n{cls.__module__}.{cls.__qualname__}: "
+    at = message.rfind(marker)
+    if at < 0:
+        return message
+    original = message[at + len(marker) :].strip()
+    return f"{original} (raised in a DataLoader worker)"
+
+
 class GroupItems:
     """Group bookkeeping shared by every dataset the training loop sees.
 
@@ -57,7 +82,11 @@ class GroupDataset(GroupItems, Dataset):
         return self.table.store.open(self.filenames[index]).convert("RGB")
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int, int]:
-        x = self.transform(self.raw(index))
+        try:
+            image = self.raw(index)
+        except DataError as exc:
+            raise ItemError(str(exc)) from exc
+        x = self.transform(image)
         return x, int(self.y[index]), int(self.g[index]), index
 
 

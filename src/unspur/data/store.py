@@ -53,8 +53,9 @@ def _decode(data: bytes | Path, where: str) -> Image.Image:
         image.load()
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise DataError(
-            f"cannot decode image {where}: {exc}. Replace the file, or pass "
-            "--on-bad-image skip to leave such images out"
+            f"cannot decode image {where}: {exc}. Replace the file, or leave such images "
+            "out with --set data.on_bad_image=skip (--on-bad-image skip for `unspur data "
+            "inspect`)"
         ) from exc
     return image
 

@@ -9,16 +9,28 @@ On disk, in ``out_dir``:
   ``checkpoints/last/``  model + trainer state after the last finished epoch
   ``best/``              the selected model (``model.safetensors`` + ``model.json``)
   ``history.json``       per-epoch training loss and validation metrics
+  ``timing.json``        seconds spent in this stage, summed over invocations
 A restart with the same arguments resumes after the last finished epoch and, because
 every epoch reseeds from ``(seed, epoch)``, ends with the same weights as an
-uninterrupted run.
+uninterrupted run. The checkpoint carries the seconds spent so far, so the time a
+resumed stage reports is the sum over its invocations (the work after an interrupted
+invocation's last checkpoint is redone, so it is not counted twice).
+
+Output: one line at once saying what is trained (images, groups, device, threads), a
+tqdm bar per epoch on a terminal (``train.progress``; a plain progress line every
+:data:`PROGRESS_EVERY` seconds when stderr is not a terminal), and a line per epoch
+with its time and an estimate of the time left.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import pickle
+import sys
 import time
+import zipfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +43,7 @@ from torch.utils.data import DataLoader, RandomSampler, WeightedRandomSampler
 
 from unspur.config import TrainConfig
 from unspur.data.dataset import GroupDataset
-from unspur.errors import CheckpointError, UnspurError
+from unspur.errors import CheckpointError, ConfigError, UnspurError
 from unspur.evaluate.metrics import GroupMetrics
 from unspur.evaluate.predict import evaluate_split
 from unspur.io import atomic_dir, atomic_write_json, recover_dir
@@ -49,12 +61,64 @@ SELECTION_DESCRIPTIONS = {
 }
 
 
+#: Seconds between plain progress lines within an epoch when stderr is not a terminal.
+PROGRESS_EVERY = 30.0
+TIMING_FILE = "timing.json"
+
+
 @dataclass
 class FitResult:
     best_epoch: int
     selection: str
     history: list[dict[str, Any]] = field(default_factory=list)
     best_val: dict[str, float] | None = None
+    threads: int | None = None  # torch CPU threads the stage ran with
+    seconds: float = 0.0  # wall seconds in this stage, summed over invocations
+    earlier_seconds: float = 0.0  # the part of ``seconds`` from earlier invocations
+
+
+def available_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask), else the machine's."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def resolve_threads(requested: int | None) -> int:
+    """``train.threads`` as a count: ``None`` is :func:`available_cores`, capped by the
+    threads torch already uses (``OMP_NUM_THREADS`` or an earlier ``set_num_threads``)."""
+    if requested is None:
+        return max(1, min(available_cores(), torch.get_num_threads()))
+    if isinstance(requested, bool) or not isinstance(requested, int) or requested < 1:
+        raise ConfigError(
+            f"train.threads={requested!r} must be a whole number >= 1 (or null for the "
+            "cores this process may use); e.g. --set train.threads=1"
+        )
+    return requested
+
+
+def apply_threads(requested: int | None) -> int:
+    """Set torch's CPU threads from ``train.threads``; return the count now in use."""
+    threads = resolve_threads(requested)
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    return threads
+
+
+def earlier_seconds(run_dir: str | Path, stages: Iterable[str]) -> float:
+    """Seconds that ``stages`` of a run spent in earlier invocations (from timing.json).
+
+    Added to an invocation's own wall time, this gives a resumed run's total.
+    """
+    total = 0.0
+    for stage in stages:
+        try:
+            timing = json.loads((Path(run_dir) / stage / TIMING_FILE).read_text())
+            total += float(timing.get("earlier_seconds", 0.0))
+        except (OSError, ValueError, TypeError, AttributeError):
+            continue
+    return total
 
 
 def resolve_selection(rule: str, val_group_labels: bool, has_val: bool) -> str:
@@ -143,8 +207,10 @@ def fit(
     proportion to them; ``parameters`` restricts the update (last-layer retraining);
     ``train_group_counts`` weights the validation "average accuracy".
     """
+    invoked = time.perf_counter()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    threads = apply_threads(config.threads)
     objective = objective or Objective()
     rule = resolve_selection(config.selection, val_group_labels, val_set is not None)
     if train_group_counts is None:
@@ -179,12 +245,16 @@ def fit(
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     objective.bind_processes(accelerator)
 
-    state = _TrainerState(out_dir)
-    start_epoch, best_score, best_epoch, history = 0, -math.inf, -1, []
+    state = _TrainerState(out_dir, description)
+    start_epoch, best_score, best_epoch, history, earlier = 0, -math.inf, -1, [], 0.0
     if state.exists():
         resumed = state.load(accelerator.unwrap_model(model), optimizer, scheduler, objective)
-        start_epoch, best_score, best_epoch, history = resumed
+        start_epoch, best_score, best_epoch, history, earlier = resumed
         accelerator.print(f"[{description}] resuming after epoch {start_epoch} from {state.path}")
+    if start_epoch < config.epochs:
+        accelerator.print(
+            _plan(description, train_set, val_set, config, len(loader), accelerator, threads)
+        )
 
     if config.epochs == 0 and not (out_dir / "best" / "model.json").exists():
         _save_best(accelerator, model, out_dir, {"epoch": 0})
@@ -198,7 +268,12 @@ def fit(
         torch.manual_seed(epoch_seed(seed, epoch) + 1)
         model.train()
         total, count, correct = 0.0, 0, 0
-        progress = _progress(loader, f"[{description}] epoch {epoch + 1}/{config.epochs}", config)
+        progress = _progress(
+            loader,
+            f"[{description}] epoch {epoch + 1}/{config.epochs}",
+            config,
+            accelerator.is_main_process,
+        )
         for x, y, g, index in progress:
             with accelerator.autocast():
                 loss, logits = objective.step(model, x, y, g, index)
@@ -239,7 +314,9 @@ def fit(
         if score > best_score:
             best_score, best_epoch = score, epoch + 1
             _save_best(accelerator, model, out_dir, {"epoch": epoch + 1, "selection": rule})
-        accelerator.print(_summary(description, record))
+        done = [h["seconds"] for h in history[start_epoch:]]
+        left = (config.epochs - epoch - 1) * sum(done) / len(done)
+        accelerator.print(_summary(description, record, config.epochs, left))
         curves.log(record)
         if (epoch + 1) % config.checkpoint_every == 0 or epoch + 1 == config.epochs:
             state.save(
@@ -252,6 +329,7 @@ def fit(
                 best_score,
                 best_epoch,
                 history,
+                earlier + time.perf_counter() - invoked,
             )
         atomic_write_json(out_dir / "history.json", history)
 
@@ -259,8 +337,20 @@ def fit(
     unwrapped = accelerator.unwrap_model(model)
     load_weights(unwrapped, out_dir / "best")
     best_val = next((h.get("val") for h in history if h["epoch"] == best_epoch), None)
+    seconds = earlier + time.perf_counter() - invoked
+    if accelerator.is_main_process:
+        atomic_write_json(
+            out_dir / TIMING_FILE,
+            {"seconds": seconds, "earlier_seconds": earlier, "threads": threads},
+        )
     return FitResult(
-        best_epoch=max(best_epoch, 0), selection=rule, history=history, best_val=best_val
+        best_epoch=max(best_epoch, 0),
+        selection=rule,
+        history=history,
+        best_val=best_val,
+        threads=threads,
+        seconds=seconds,
+        earlier_seconds=earlier,
     )
 
 
@@ -295,17 +385,64 @@ class _CurveLogger:
             self.writer.close()
 
 
-def _progress(loader: DataLoader, desc: str, config: TrainConfig):
-    if not config.progress:
+def _plan(description, train_set, val_set, config, batches, accelerator, threads) -> str:
+    """The line printed before the first epoch: what is trained, where, how."""
+    val = f", validating on {len(val_set)}" if val_set is not None else ", no validation split"
+    groups = getattr(train_set, "n_groups", "?")
+    classes = getattr(train_set, "n_classes", "?")
+    return (
+        f"[{description}] training on {len(train_set)} images ({groups} groups, "
+        f"{classes} classes){val}; {config.epochs} epoch(s) of {batches} "
+        f"batch(es) of {config.batch_size}; device {accelerator.device}, {threads} torch "
+        f"thread(s) (train.threads)"
+    )
+
+
+def _progress(loader: DataLoader, desc: str, config: TrainConfig, main_process: bool = True):
+    """A tqdm bar on a terminal; elsewhere (logs, pipes) a line every PROGRESS_EVERY s."""
+    if not config.progress or not main_process:
         return loader
-    from tqdm.auto import tqdm
+    if sys.stderr.isatty():
+        from tqdm.auto import tqdm
 
-    return tqdm(loader, desc=desc, leave=False, disable=None)
+        return tqdm(loader, desc=desc, leave=False)
+    return _progress_lines(loader, desc)
 
 
-def _summary(description: str, record: dict[str, Any]) -> str:
+def _progress_lines(loader: DataLoader, desc: str):
+    started = last = time.perf_counter()
+    total = len(loader)
+    for done, batch in enumerate(loader, 1):
+        yield batch
+        now = time.perf_counter()
+        if now - last >= PROGRESS_EVERY and done < total:
+            last = now
+            left = (now - started) / done * (total - done)
+            print(
+                f"{desc}: {done}/{total} batches, {_duration(now - started)}, "
+                f"~{_duration(left)} left in this epoch",
+                file=sys.stderr,
+                flush=True,
+            )
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0, round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    minutes, seconds = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes}m {seconds:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h {minutes:02d}m"
+
+
+def _summary(
+    description: str, record: dict[str, Any], epochs: int | None = None, left: float = 0.0
+) -> str:
+    of = f"/{epochs}" if epochs else ""
     text = (
-        f"[{description}] epoch {record['epoch']}: loss {record['train_loss']:.4f} "
+        f"[{description}] epoch {record['epoch']}{of}: loss {record['train_loss']:.4f} "
         f"train acc {100 * record['train_accuracy']:.1f}%"
     )
     if "val" in record:
@@ -314,6 +451,10 @@ def _summary(description: str, record: dict[str, Any]) -> str:
             f" | val worst-group {100 * val['worst_group_accuracy']:.1f}% "
             f"acc {100 * val['accuracy']:.1f}%"
         )
+    if "seconds" in record:
+        text += f" | {_duration(record['seconds'])}"
+        if epochs and record["epoch"] < epochs:
+            text += f", ~{_duration(left)} left"
     return text
 
 
@@ -326,8 +467,9 @@ def _save_best(accelerator, model: nn.Module, out_dir: Path, extra: dict[str, An
 class _TrainerState:
     """Model, optimizer, scheduler and objective state after an epoch, saved atomically."""
 
-    def __init__(self, out_dir: Path) -> None:
+    def __init__(self, out_dir: Path, description: str = "train") -> None:
         self.path = out_dir / "checkpoints" / "last"
+        self.stage = description
 
     def exists(self) -> bool:
         recover_dir(self.path)
@@ -344,6 +486,7 @@ class _TrainerState:
         best_score,
         best_epoch,
         history,
+        seconds=0.0,
     ) -> None:
         if accelerator.is_main_process:
             with atomic_dir(self.path) as scratch:
@@ -357,27 +500,70 @@ class _TrainerState:
                         "scheduler": scheduler.state_dict() if scheduler is not None else None,
                         "objective": objective.state_dict(),
                         "history": json.dumps(history),
+                        "seconds": float(seconds),
                     },
                     scratch / "trainer.pt",
                 )
         accelerator.wait_for_everyone()
 
+    def _restart_hint(self) -> str:
+        return (
+            f"To restart stage {self.stage!r} from its first epoch, delete {self.path} "
+            "(the run's other stages are kept) and run the same command again; or use a "
+            "new --out directory"
+        )
+
     def load(self, model, optimizer, scheduler, objective):
+        """Restore a checkpoint; damaged or foreign files fail with how to restart."""
+        trainer = self.path / "trainer.pt"
+        try:
+            # weights_only: tensors and plain containers, never arbitrary objects.
+            state = torch.load(trainer, map_location="cpu", weights_only=True)
+        except (
+            pickle.UnpicklingError,
+            zipfile.BadZipFile,
+            EOFError,
+            OSError,
+            RuntimeError,
+            ValueError,
+            AttributeError,
+            TypeError,
+            IndexError,
+        ) as exc:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise CheckpointError(
+                f"cannot resume from {trainer}: the file is damaged or not an unspur trainer "
+                f"checkpoint ({type(exc).__name__}: {reason[:200]}). {self._restart_hint()}"
+            ) from None
+        needed = ("epoch", "best_score", "best_epoch", "optimizer", "objective", "history")
+        if not isinstance(state, dict) or any(key not in state for key in needed):
+            raise CheckpointError(
+                f"cannot resume from {trainer}: it lacks the trainer state unspur writes "
+                f"({', '.join(needed)}). {self._restart_hint()}"
+            )
         try:
             load_weights(model, self.path)
-            state = torch.load(self.path / "trainer.pt", map_location="cpu", weights_only=True)
+        except CheckpointError as exc:
+            raise CheckpointError(
+                f"cannot resume stage {self.stage!r}: {exc}. {self._restart_hint()}"
+            ) from None
+        try:
             optimizer.load_state_dict(state["optimizer"])
-            if scheduler is not None and state["scheduler"] is not None:
+            if scheduler is not None and state.get("scheduler") is not None:
                 scheduler.load_state_dict(state["scheduler"])
             objective.load_state_dict(state["objective"])
-        except (KeyError, ValueError, RuntimeError) as exc:
+            history = json.loads(state["history"])
+        except (KeyError, ValueError, RuntimeError, TypeError) as exc:
             raise CheckpointError(
                 f"cannot resume from {self.path}: {exc}. It was written by a different "
-                "model or configuration; use a new --out directory or delete that folder"
-            ) from exc
+                f"model or configuration. {self._restart_hint()}"
+            ) from None
+        # Checkpoints from before the seconds were stored: the epochs' own times.
+        seconds = state.get("seconds", sum(h.get("seconds", 0.0) for h in history))
         return (
             state["epoch"],
             state["best_score"],
             state["best_epoch"],
-            json.loads(state["history"]),
+            history,
+            float(seconds),
         )
