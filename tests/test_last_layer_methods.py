@@ -20,8 +20,12 @@ from unspur.data.transforms import eval_transform
 from unspur.errors import ConfigError
 from unspur.methods.base import RunContext
 from unspur.methods.dfr import (
+    CLASS_WEIGHTS,
+    DFRTrain,
+    DFRVal,
     LinearSolution,
     _l1_logistic,
+    class_weight_pairs,
     dfr_train_fit,
     dfr_val_fit,
     fit_l1_logistic,
@@ -76,6 +80,89 @@ def test_dfr_train_variant_and_missing_group_error():
     keep = val_g != 3
     with pytest.raises(ConfigError, match="group"):
         dfr_val_fit(train_x, val_x[keep], val_y[keep], val_g[keep], 4, 2)
+
+
+def test_dfr_train_tunes_class_weights_as_the_official_flag():
+    """--tune_class_weights_dfr_train: C x {0: 1, 1: w} / {0: w, 1: 1}, w in the grid."""
+    assert CLASS_WEIGHTS == (1, 2, 3, 10, 100, 300, 1000)  # official CLASS_WEIGHT_OPTIONS
+    pairs = class_weight_pairs()
+    assert pairs[:7] == [(1, w) for w in CLASS_WEIGHTS] and pairs[7] == (2, 1)
+    assert len(pairs) == 13  # {0: 1, 1: 1} once
+    assert DFRTrain.defaults["tune_class_weights"] is True  # the README's DFR^Tr_Tr command
+    rng = np.random.default_rng(4)
+    train_x, train_y, train_g = spurious_case(2000, 0.05, rng)
+    val_x, val_y, val_g = spurious_case(300, 0.5, rng)
+    args = (train_x, train_y, train_g, val_x, val_y, val_g, 4, 2)
+    c_options = (1.0, 0.01)
+    solution, info = dfr_train_fit(
+        *args, seed=0, c_options=c_options, num_retrains=2, class_weights=pairs
+    )
+    scores = info["tuning_scores"]
+    assert [(t["C"], tuple(t["class_weight"])) for t in scores] == [
+        (c, w) for c in c_options for w in pairs
+    ]
+    best = max(scores, key=lambda t: t["score"])  # the first best, as np.argmax
+    assert (info["C"], info["class_weight"]) == (best["C"], best["class_weight"])
+    # The chosen weights reach the final fits: the same run with them fixed agrees.
+    fixed, _ = dfr_train_fit(
+        *args,
+        seed=0,
+        c_options=(info["C"],),
+        num_retrains=2,
+        class_weights=[tuple(info["class_weight"])],
+    )
+    np.testing.assert_allclose(solution.coef, fixed.coef)
+    # A heavy weight on one class moves the decision towards it.
+    z = (train_x - train_x.mean(0)) / train_x.std(0)
+    heavy = fit_l1_logistic(z, train_y, 0.01, 2, class_weight=(1.0, 1000.0))
+    plain = fit_l1_logistic(z, train_y, 0.01, 2)
+    predict = lambda coef, b: (z @ coef.T + b)[:, 0] > 0  # noqa: E731
+    assert predict(*heavy).sum() > predict(*plain).sum()
+    with pytest.raises(ConfigError, match="two classes"):
+        fit_l1_logistic(z, np.arange(len(z)) % 3, 1.0, 3, class_weight=(1.0, 2.0))
+
+
+@pytest.mark.parametrize("method", ["dfr_val", "dfr_train"])
+def test_dfr_starts_from_the_final_erm_checkpoint_by_default(method, tmp_path):
+    """The DFR paper's base model is ERM after its last epoch, not the selected epoch."""
+    import json
+
+    from helpers import DEBUG
+
+    from unspur.config import load_config
+    from unspur.models.checkpoint import load_checkpoint
+    from unspur.pipeline import run
+
+    assert DFRVal.defaults["base_model"] == DFRTrain.defaults["base_model"] == "final"
+
+    def backbone(path):
+        model = load_checkpoint(path)
+        head = type(model).head_name + "."
+        return {k: v for k, v in model.state_dict().items() if not k.startswith(head)}
+
+    def same(a, b):
+        return all(torch.equal(a[k], b[k]) for k in a)
+
+    base = DEBUG + [f"method.name={method}", "train.epochs=3"]
+    run(load_config(None, base), tmp_path / "final")
+    erm = tmp_path / "final" / "erm"
+    assert json.loads((erm / "best" / "model.json").read_text())["extra"]["epoch"] < 3
+    final, selected = backbone(erm / "checkpoints" / "last"), backbone(erm / "best")
+    assert not same(final, selected)  # the case distinguishes the two
+    assert same(backbone(tmp_path / "final" / "model"), final)
+    record = json.loads((tmp_path / "final" / method / "dfr.json").read_text())
+    assert record["base_model"] == "final"
+    # The option: the epoch the ERM run selected, recorded.
+    run(load_config(None, base + ["method.options.base_model=selected"]), tmp_path / "sel")
+    assert same(backbone(tmp_path / "sel" / "model"), backbone(tmp_path / "sel" / "erm" / "best"))
+    record = json.loads((tmp_path / "sel" / method / "dfr.json").read_text())
+    assert record["base_model"] == "selected"
+    # A comparison hands DFR the ERM run's model folder: its final epoch sits beside it.
+    reference = [f"method.reference={tmp_path / 'final' / 'model'}"]
+    run(load_config(None, base + reference), tmp_path / "ref")
+    assert same(backbone(tmp_path / "ref" / "model"), final)
+    with pytest.raises(ConfigError, match="base_model"):
+        run(load_config(None, base + ["method.options.base_model=best"]), tmp_path / "bad")
 
 
 def test_scaler_folding_matches_sklearn_binary_and_multiclass():

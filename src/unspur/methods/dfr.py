@@ -33,6 +33,25 @@ embeddings (``max_iter=20``, as in ``dfr_train_subset_tune``) by worst-group acc
 on the whole validation set; the final layer averages 10 balanced training subsets
 (``dfr_train_subset_eval``).
 
+Base model (``base_model``). The DFR paper retrains the last layer of the ERM model
+as it stands at the end of training, with no early stopping, and the official code
+loads the ``final_checkpoint.pt`` that ``train_classifier.py`` writes after its last
+epoch. ``base_model: final`` (the default) does the same: the reference ERM run's
+last-epoch weights (``erm/checkpoints/last``, beside ``method.reference`` when one is
+given); ``base_model: selected`` uses the epoch the reference run selected (by
+validation worst-group accuracy by default), as earlier versions of unspur did. The
+choice and the weights' folder are recorded in ``dfr.json``.
+
+Class weights of ``dfr_train`` (``tune_class_weights``). The official README's
+DFR^Tr_Tr command passes ``--tune_class_weights_dfr_train``: C and the class weights
+``{0: 1, 1: w}`` / ``{0: w, 1: 1}`` for ``w`` in {1, 2, 3, 10, 100, 300, 1000}
+(``CLASS_WEIGHT_OPTIONS`` of ``dfr_evaluate_spurious.py``) are tuned together by
+validation worst-group accuracy (C outer, weights inner, the first best kept), and the
+10 final fits use the chosen weights. Default on, as in that command (without the flag
+the README calls the variant DFR^Tr_{Tr-NM}: ``tune_class_weights: false``). The
+official grid is for two classes; with more, the weights stay 1:1 and ``dfr.json``
+says so. ``dfr_val`` keeps 1:1 (see step 1 above).
+
 The result is installed into the classifier's ``nn.Linear`` head with the scaler
 folded in: ``W' = W / sigma``, ``b' = b - W (mu / sigma)``, so the classifier computes
 exactly scikit-learn's decision function. Binary problems: liblinear gives one weight
@@ -52,8 +71,10 @@ from ``np.random.default_rng(seed)`` instead of the global NumPy state.
 
 from __future__ import annotations
 
+import logging
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -70,8 +91,20 @@ from unspur.models.linear_head import LinearHead
 from unspur.train.loop import FitResult
 from unspur.train.sampling import balanced_subsample_indices
 
+logger = logging.getLogger(__name__)
+
 #: The official script's C grid (Waterbirds; also used for CelebA with l1).
 C_OPTIONS = (1.0, 0.7, 0.3, 0.1, 0.07, 0.03, 0.01)
+#: The official script's class-weight grid (``CLASS_WEIGHT_OPTIONS``, Waterbirds; a
+#: commented-out CelebA variant ends in 500): each weight on class 1, then on class 0.
+CLASS_WEIGHTS = (1.0, 2.0, 3.0, 10.0, 100.0, 300.0, 1000.0)
+BASE_MODELS = ("final", "selected")
+
+
+def class_weight_pairs(weights=CLASS_WEIGHTS) -> list[tuple[float, float]]:
+    """``(w0, w1)`` in the official order, ``{0: 1, 1: w}`` first, duplicates dropped."""
+    pairs = [(1.0, float(w)) for w in weights] + [(float(w), 1.0) for w in weights]
+    return list(dict.fromkeys(pairs))
 
 
 # --------------------------------------------------------------- the linear layer
@@ -129,7 +162,7 @@ class LinearSolution:
 
 
 # ---------------------------------------------------------------- the regression
-def _l1_logistic(C: float, max_iter: int, random_state: int):
+def _l1_logistic(C: float, max_iter: int, random_state: int, class_weight=None):
     from sklearn.linear_model import LogisticRegression
 
     kwargs: dict[str, Any] = {
@@ -137,6 +170,7 @@ def _l1_logistic(C: float, max_iter: int, random_state: int):
         "solver": "liblinear",
         "max_iter": max_iter,
         "random_state": random_state,
+        "class_weight": class_weight,
     }
     if LogisticRegression().get_params().get("penalty") == "deprecated":  # sklearn >= 1.8
         kwargs["l1_ratio"] = 1.0
@@ -152,8 +186,13 @@ def fit_l1_logistic(
     n_classes: int,
     max_iter: int = 100,
     random_state: int = 0,
+    class_weight: tuple[float, float] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """``(coef, intercept)`` of an L1 logistic regression (liblinear; OvR if K > 2)."""
+    """``(coef, intercept)`` of an L1 logistic regression (liblinear; OvR if K > 2).
+
+    ``class_weight`` ``(w0, w1)``: scikit-learn's ``class_weight={0: w0, 1: w1}`` (two
+    classes only, as the official code).
+    """
     present = np.unique(y)
     if len(present) != n_classes or not np.array_equal(present, np.arange(n_classes)):
         raise ConfigError(
@@ -164,6 +203,12 @@ def fit_l1_logistic(
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
+        if class_weight is not None:
+            if n_classes != 2:
+                raise ConfigError("DFR's class weights are defined for two classes only")
+            weights = {0: float(class_weight[0]), 1: float(class_weight[1])}
+            model = _l1_logistic(C, max_iter, random_state, weights).fit(x, y)
+            return model.coef_.copy(), model.intercept_.copy()
         if n_classes == 2:
             model = _l1_logistic(C, max_iter, random_state).fit(x, y)
             return model.coef_.copy(), model.intercept_.copy()
@@ -243,6 +288,7 @@ def fit_balanced_average(
     num_retrains: int,
     random_state: int = 0,
     what: str = "validation",
+    class_weight: tuple[float, float] | None = None,
 ) -> LinearSolution:
     """Average of ``num_retrains`` L1 logistic regressions on balanced subsets."""
     mean, scale = scaler
@@ -250,7 +296,9 @@ def fit_balanced_average(
     for i in range(num_retrains):
         keep = balanced_subset(g, n_groups, rng, what)
         z = (x[keep] - mean) / scale
-        coef, intercept = fit_l1_logistic(z, y[keep], C, n_classes, random_state=random_state + i)
+        coef, intercept = fit_l1_logistic(
+            z, y[keep], C, n_classes, random_state=random_state + i, class_weight=class_weight
+        )
         coefs.append(coef)
         intercepts.append(intercept)
     return LinearSolution(
@@ -336,30 +384,47 @@ def dfr_train_fit(
     num_retrains: int = 10,
     tune_max_iter: int = 20,
     metric: str = "worst_group",
+    class_weights=None,
 ) -> tuple[LinearSolution, dict[str, Any]]:
-    """DFR^Tr_Tr on embeddings: balanced training subsets, C tuned on validation."""
+    """DFR^Tr_Tr on embeddings: balanced training subsets, C tuned on validation.
+
+    ``class_weights``: ``(w0, w1)`` pairs tuned together with C (the official
+    ``--tune_class_weights_dfr_train``, :func:`class_weight_pairs`); None keeps 1:1.
+    """
     rng = np.random.default_rng(seed)
     check_groups(train_g, n_groups, "training")
+    if class_weights is not None and n_classes != 2:
+        raise ConfigError("DFR's class-weight tuning is defined for two classes only")
     scaler = fit_scaler(train_x)
     mean, scale = scaler
     keep = balanced_subset(train_g, n_groups, rng, "training")
     z_fit = (train_x[keep] - mean) / scale
     z_val = (val_x - mean) / scale
-    scores: dict[float, float] = {}
+    weight_options = [None] if class_weights is None else [tuple(w) for w in class_weights]
+    scores: dict[tuple[float, Any], float] = {}
     for c in c_options:
-        coef, intercept = fit_l1_logistic(
-            z_fit, train_y[keep], float(c), n_classes, max_iter=tune_max_iter, random_state=seed
-        )
-        solution = LinearSolution(
-            coef, intercept, np.zeros_like(mean), np.ones_like(scale), n_classes
-        )
-        scores[float(c)] = _score(solution.predict(z_val), val_y, val_g, n_groups, metric)
-    best = max(scores, key=lambda c: (scores[c], -list(scores).index(c)))
+        for weight in weight_options:
+            coef, intercept = fit_l1_logistic(
+                z_fit,
+                train_y[keep],
+                float(c),
+                n_classes,
+                max_iter=tune_max_iter,
+                random_state=seed,
+                class_weight=weight,
+            )
+            solution = LinearSolution(
+                coef, intercept, np.zeros_like(mean), np.ones_like(scale), n_classes
+            )
+            score = _score(solution.predict(z_val), val_y, val_g, n_groups, metric)
+            scores[(float(c), weight)] = score
+    order = list(scores)
+    best_c, best_weight = max(order, key=lambda k: (scores[k], -order.index(k)))
     solution = fit_balanced_average(
         train_x,
         train_y,
         train_g,
-        best,
+        best_c,
         n_groups,
         n_classes,
         rng,
@@ -367,8 +432,16 @@ def dfr_train_fit(
         num_retrains,
         seed,
         "training",
+        best_weight,
     )
-    info = {"C": best, "tuning_scores": {str(c): s for c, s in scores.items()}, "metric": metric}
+    info: dict[str, Any] = {"C": best_c, "metric": metric}
+    if class_weights is None:
+        info["tuning_scores"] = {str(c): s for (c, _), s in scores.items()}
+    else:
+        info["class_weight"] = list(best_weight)
+        info["tuning_scores"] = [
+            {"C": c, "class_weight": list(w), "score": s} for (c, w), s in scores.items()
+        ]
     return solution, info
 
 
@@ -387,6 +460,21 @@ def _c_options(options: dict[str, Any]) -> tuple[float, ...]:
         ) from err
     if not values or any(c <= 0 for c in values):
         raise ConfigError(f"dfr option c_options must be positive numbers, got {list(values)}")
+    return values
+
+
+def _class_weights(options: dict[str, Any]) -> tuple[float, ...]:
+    values = options["class_weights"]
+    try:
+        values = tuple(float(w) for w in values)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(
+            f"dfr_train option class_weights must be a list of numbers, got {values!r}"
+        ) from err
+    if not values or any(w <= 0 for w in values):
+        raise ConfigError(
+            f"dfr_train option class_weights must be positive numbers, got {list(values)}"
+        )
     return values
 
 
@@ -414,6 +502,54 @@ def _finish(
     return FitResult(best_epoch=0, selection=rule, history=[info], best_val=metrics.headline())
 
 
+def _base_model_option(options: dict[str, Any]) -> str:
+    value = options["base_model"]
+    if value not in BASE_MODELS:
+        raise ConfigError(f"dfr option base_model={value!r} is not one of {', '.join(BASE_MODELS)}")
+    return value
+
+
+def final_checkpoint_dir(context: RunContext) -> Path:
+    """Where the reference ERM run keeps its last-epoch weights.
+
+    Without ``method.reference`` ERM trains in ``out_dir/erm``; with it, the reference
+    is a run's ``model`` folder and its ERM stage sits beside it (``../erm``), as a
+    comparison lays it out.
+    """
+    if context.config.method.reference:
+        return Path(context.config.method.reference).parent / "erm" / "checkpoints" / "last"
+    return context.out_dir / "erm" / "checkpoints" / "last"
+
+
+def dfr_base_model(context: RunContext, which: str) -> tuple[nn.Module, dict[str, Any]]:
+    """The ERM model DFR retrains, and how it was chosen (for ``dfr.json``).
+
+    ``final``: the reference run's weights after its last epoch (the DFR paper's base
+    model, no early stopping); ``selected``: the epoch the reference run selected.
+    Where no last-epoch checkpoint exists (a ``method.reference`` saved elsewhere, a
+    0-epoch run) the reference model is used as it is, and the record says so.
+    """
+    model = context.reference_model()
+    if which == "selected":
+        source = context.config.method.reference or str(context.out_dir / "erm" / "best")
+        return model, {"base_model": "selected", "base_model_dir": source}
+    final = final_checkpoint_dir(context)
+    if not (final / "model.json").is_file():
+        logger.warning(
+            "DFR base_model=final: no last-epoch checkpoint at %s; using the reference model "
+            "as it is",
+            final,
+        )
+        source = context.config.method.reference or str(context.out_dir / "erm" / "best")
+        return model, {
+            "base_model": "reference as given (no final checkpoint)",
+            "base_model_dir": source,
+        }
+    from unspur.models.checkpoint import load_checkpoint
+
+    return load_checkpoint(final), {"base_model": "final", "base_model_dir": str(final)}
+
+
 def _embeddings(context: RunContext, model: nn.Module):
     if context.val is None:
         raise ConfigError("DFR needs a validation split (it tunes C on it, and dfr_val fits on it)")
@@ -429,8 +565,10 @@ class DFRVal(Method):
     """DFR^Tr_Val (Kirichenko et al. 2023): last layer refit on balanced validation.
 
     Defaults from the official code: C grid {1, 0.7, 0.3, 0.1, 0.07, 0.03, 0.01},
-    ``tune_retrains`` 1, ``num_retrains`` 20 balanced subsets averaged, L1 liblinear.
-    Validation group labels train the layer: ✓ under any selection rule.
+    ``tune_retrains`` 1, ``num_retrains`` 20 balanced subsets averaged, L1 liblinear;
+    ``base_model: final``, the ERM model after its last epoch (the DFR paper's base
+    model; ``selected`` is the option). Validation group labels train the layer: ✓
+    under any selection rule.
     """
 
     name = "dfr_val"
@@ -439,7 +577,12 @@ class DFRVal(Method):
     )
     uses_reference = True
     summary = "deep feature reweighting: L1 logistic head on group-balanced validation"
-    defaults = {"c_options": list(C_OPTIONS), "tune_retrains": 1, "num_retrains": 20}
+    defaults = {
+        "c_options": list(C_OPTIONS),
+        "tune_retrains": 1,
+        "num_retrains": 20,
+        "base_model": "final",
+    }
     debug_options = {"num_retrains": 2}
 
     def run(self, context: RunContext) -> tuple[nn.Module, FitResult]:
@@ -447,7 +590,7 @@ class DFRVal(Method):
         c_options = _c_options(options)
         tune_retrains = _positive_int(options, "tune_retrains")
         num_retrains = _positive_int(options, "num_retrains")
-        model = context.reference_model()
+        model, base = dfr_base_model(context, _base_model_option(options))
         train, val = _embeddings(context, model)
         train_x = train.features.numpy()
         val_x, val_y, val_g = val.set.numpy()
@@ -464,7 +607,9 @@ class DFRVal(Method):
             num_retrains,
             _tuning_metric(context),
         )
-        info.update(variant="dfr_val", tune_retrains=tune_retrains, num_retrains=num_retrains)
+        info.update(
+            variant="dfr_val", tune_retrains=tune_retrains, num_retrains=num_retrains, **base
+        )
         return model, _finish(context, model, "dfr_val", solution, info, val)
 
 
@@ -473,15 +618,24 @@ class DFRTrain(Method):
     """DFR^Tr_Tr (Kirichenko et al. 2023): last layer refit on balanced training data.
 
     Defaults from the official code: the same C grid, tuning with ``max_iter`` 20 on one
-    balanced training subset scored on validation, ``num_retrains`` 10 subsets averaged.
-    Uses training group labels (✓✓); validation labels only tune C.
+    balanced training subset scored on validation, ``num_retrains`` 10 subsets averaged;
+    C tuned together with the class weights (``tune_class_weights``, the official
+    README's DFR^Tr_Tr command; two classes); ``base_model: final`` as ``dfr_val``.
+    Uses training group labels (✓✓); validation labels only tune C and the weights.
     """
 
     name = "dfr_train"
     supervision = Supervision(train_group_labels=True, val_group_labels=True)
     uses_reference = True
     summary = "deep feature reweighting on group-balanced training data (DFR^Tr_Tr)"
-    defaults = {"c_options": list(C_OPTIONS), "num_retrains": 10, "tune_max_iter": 20}
+    defaults = {
+        "c_options": list(C_OPTIONS),
+        "num_retrains": 10,
+        "tune_max_iter": 20,
+        "base_model": "final",
+        "tune_class_weights": True,
+        "class_weights": list(CLASS_WEIGHTS),
+    }
     debug_options = {"num_retrains": 2}
 
     def run(self, context: RunContext) -> tuple[nn.Module, FitResult]:
@@ -489,10 +643,22 @@ class DFRTrain(Method):
         c_options = _c_options(options)
         num_retrains = _positive_int(options, "num_retrains")
         tune_max_iter = _positive_int(options, "tune_max_iter")
-        model = context.reference_model()
+        tune_weights = options["tune_class_weights"]
+        if not isinstance(tune_weights, bool):
+            raise ConfigError("dfr_train option tune_class_weights must be true or false")
+        weights = _class_weights(options)
+        model, base = dfr_base_model(context, _base_model_option(options))
         train, val = _embeddings(context, model)
         train_x, train_y, train_g = train.set.numpy()
         val_x, val_y, val_g = val.set.numpy()
+        pairs = None
+        weights_note = "not tuned (tune_class_weights: false)"
+        if tune_weights and train.n_classes == 2:
+            pairs = class_weight_pairs(weights)
+            weights_note = "tuned"
+        elif tune_weights:
+            weights_note = "not tuned: the official grid is for two classes"
+            logger.warning("dfr_train: %d classes, class weights stay 1:1", train.n_classes)
         solution, info = dfr_train_fit(
             train_x,
             train_y,
@@ -507,6 +673,13 @@ class DFRTrain(Method):
             num_retrains,
             tune_max_iter,
             _tuning_metric(context),
+            pairs,
         )
-        info.update(variant="dfr_train", num_retrains=num_retrains, tune_max_iter=tune_max_iter)
+        info.update(
+            variant="dfr_train",
+            num_retrains=num_retrains,
+            tune_max_iter=tune_max_iter,
+            class_weights=weights_note,
+            **base,
+        )
         return model, _finish(context, model, "dfr_train", solution, info, val)
