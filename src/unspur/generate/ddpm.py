@@ -723,14 +723,22 @@ def ddim_invert(
     steps: int = 40,
     class_labels: Any = None,
     callback: Callable[[int, torch.Tensor], None] | None = None,
+    timesteps: Sequence[int] | None = None,
 ) -> torch.Tensor:
     """Deterministic DDIM inversion: the ``x_T`` that ``ddim_sample(x_T, steps=steps)``
-    maps back to about ``images`` (``[-1, 1]``). Same grid as the sampler, walked up."""
+    maps back to about ``images`` (``[-1, 1]``). Same grid as the sampler, walked up.
+
+    ``timesteps`` (ascending) replaces the grid ``ddim_timesteps(scheduler, steps)``,
+    e.g. InjectFusion's :func:`~unspur.generate.hspace.official_timesteps`. The U-Net
+    is called at every grid point but the last (at the lower end of each step, as in
+    the InjectFusion / DiffInject code, whose ``h_dic`` keys are those timesteps)."""
     schedule = _Schedule(scheduler)
     device, _ = _unet_device_dtype(unet)
     x = images.to(device=device, dtype=torch.float32)
     labels = _labels(class_labels, x.shape[0], device, unet)
-    grid = ddim_timesteps(scheduler, steps)
+    grid = list(timesteps) if timesteps is not None else ddim_timesteps(scheduler, steps)
+    if not grid or any(b <= a for a, b in zip(grid, grid[1:])):
+        raise ConfigError(f"DDIM inversion needs an ascending grid, got {grid[:5]}...")
     with torch.no_grad():
         for i, t in enumerate(grid):
             a_from = schedule(grid[i - 1] if i > 0 else -1)

@@ -13,10 +13,16 @@ DiffInject uses that to turn bias-aligned images into bias-conflicting ones.
 * :func:`slerp` is the normalised spherical interpolation.
 * :func:`h_share` measures whether a U-Net's decoder reads h at all (swap h between two
   images, see how far the predicted ``x_0`` moves).
-* :func:`ddim_sample_with_h` is the injection: DDIM from the targets' ``x_T`` with the
-  sources' h blended in at ``t >= t_edit`` (globally, or inside a mask for the local
-  variant), optionally stochastic below ``t_boost`` (Asyrp's quality boosting), and
-  optionally with Asyrp's asymmetric reverse process.
+* :func:`ddim_sample_with_h` is a general injection: DDIM from the targets' ``x_T`` with
+  the sources' h blended in at every grid step ``t >= t_edit`` (globally, or inside a
+  mask), optionally stochastic below ``t_boost`` and optionally asymmetric.
+* :func:`invert_with_h`, :class:`InjectionSchedule` and :func:`diffstyle_sample` are
+  DiffInject's process as its official code runs it (``diff_style`` in
+  ``diffusion_latent.py`` of seanko29/DiffInject, from curryjung/InjectFusion_official):
+  the content's h is recorded while the content image is DDIM-inverted (``h_dic``) and
+  taken at the inversion timestep nearest each generation step; injection, eta = 1 and
+  the ``dt_lambda`` shrink happen only on the 50-point replace grid inside the
+  1000-step generative process.
 
 The timestep is read from the U-Net call itself (a forward pre-hook on the U-Net), so
 the hooks work inside any sampler, not only the ones here; the timesteps of one call
@@ -28,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -40,6 +47,7 @@ from unspur.generate.ddpm import (
     _Schedule,
     _unet_device_dtype,
     boost_eta,
+    ddim_invert,
     ddim_reverse,
     ddim_step,
     ddim_timesteps,
@@ -379,6 +387,195 @@ def ddim_sample_with_h(
         )
 
 
+# ------------------------------------------------------- DiffInject's official process
+
+
+def official_timesteps(steps: int, t_0: int = 999) -> list[int]:
+    """The grid of the InjectFusion / DiffInject code: ``int(linspace(0, 1, steps) * t_0
+    + 1e-6)``, ascending (``seq_inv``, ``seq_train`` and ``seq_replace`` of
+    ``diff_style`` in ``diffusion_latent.py``; ``t_0`` = 999, its ``--t_0`` default).
+    Truncation, not rounding: for ``steps`` = 1000 it is 0..999, for 50 it is
+    0, 20, 40, 61, ..., 978, 999."""
+    if steps < 2 or t_0 < 1:
+        raise ConfigError(f"the official grid needs steps >= 2 and t_0 >= 1, got {steps}, {t_0}")
+    grid = sorted({int(i / (steps - 1) * t_0 + 1e-6) for i in range(steps)})
+    return grid
+
+
+def nearest_timestep(keys: Collection[int], t: int) -> int:
+    """The key closest to ``t``; a tie goes to the larger key (the official
+    ``take_closest`` scans the keys in descending order and keeps the first minimum)."""
+    if not keys:
+        raise UnspurError("no recorded timestep to take h from")
+    return min(sorted(keys, reverse=True), key=lambda k: abs(k - t))
+
+
+@dataclass(frozen=True)
+class InjectionSchedule:
+    """Which generation steps of DiffInject's reverse process do what (official code).
+
+    The generative process walks ``gen_grid`` (``n_gen_step`` points) down from ``t_0``.
+    Only the steps whose timestep is on ``replace_grid`` (``content_replace_step`` =
+    50 points) are "replace" steps (``if i in seq_replace`` in ``diff_style``); there:
+
+    * ``inject``: ``t >= t_edit`` (the model's ``if timesteps[0] >= t_edit``): h is
+      blended with the content's h; x_0 comes from the injected call, the direction
+      term from the plain one (Asyrp's asymmetric step, ``index=0``);
+    * ``stochastic``: ``t <= t_boost`` (``eta=0 if t > t_noise else 1``): eta = 1;
+    * ``shrink``: ``t >= dt_end`` and ``dt_lambda != 1``: the step is recomputed
+      deterministically with the direction term times ``dt_lambda``
+      (``denoising_step`` in ``utils/diffusion_utils.py``; 0.9985 and ``dt_end`` = 950
+      shrink the 3 replace steps 999, 978, 958).
+
+    Every other step is plain deterministic DDIM (eta = 0, no injection, no shrink).
+    """
+
+    gen_grid: tuple[int, ...]
+    replace: frozenset[int]
+    inject: frozenset[int]
+    stochastic: frozenset[int]
+    shrink: frozenset[int]
+
+    @classmethod
+    def build(
+        cls,
+        *,
+        gen_steps: int = 1000,
+        replace_steps: int = 50,
+        t_edit: int = 500,
+        t_boost: int | None = 200,
+        dt_lambda: float = 0.9985,
+        dt_end: int = 950,
+        t_0: int = 999,
+    ) -> InjectionSchedule:
+        gen = official_timesteps(gen_steps, t_0)
+        replace = frozenset(official_timesteps(replace_steps, t_0)) & frozenset(gen)
+        shrink = frozenset(t for t in replace if dt_lambda != 1 and t >= dt_end)
+        noisy = frozenset(
+            t for t in replace if t_boost is not None and t <= t_boost and t not in shrink
+        )
+        return cls(
+            gen_grid=tuple(gen),
+            replace=replace,
+            inject=frozenset(t for t in replace if t >= t_edit),
+            stochastic=noisy,
+            shrink=shrink,
+        )
+
+
+def official_local_mask(h: torch.Tensor) -> torch.Tensor:
+    """The official local-injection mask of h: ones at ``[..., 4:-1, 3:5]`` (rows 4 to
+    the second-last, columns 3 and 4; ``use_mask`` in the U-Net forward of
+    ``models/guided_diffusion/unet.py``), shape ``(1, 1, H, W)``. Written for the 8x8 h
+    of the 256 px ADMs; it is empty for h smaller than 6x4, which is refused."""
+    mask = torch.zeros(1, 1, *h.shape[-2:], device=h.device, dtype=h.dtype)
+    mask[..., 4:-1, 3:5] = 1
+    if not bool(mask.any()):
+        raise ConfigError(
+            f"the official local mask (h rows 4:-1, columns 3:5) is empty for h of size "
+            f"{tuple(h.shape[-2:])}; use a box (local_mask: [top, left, bottom, right]) or "
+            "global injection (local_mask: null)"
+        )
+    return mask
+
+
+def invert_with_h(
+    unet: Any,
+    scheduler: Any,
+    images: torch.Tensor,
+    *,
+    steps: int = 1000,
+    record_at: TimestepFilter = True,
+    t_0: int = 999,
+    class_labels: Any = None,
+) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    """DDIM-invert ``images`` on the official grid and record h on the way (``h_dic``).
+
+    Returns ``(x_T, h)``: ``h[t]`` is the middle block's output of the inversion's U-Net
+    call at timestep ``t`` (on the CPU), as ``precompute_pairs_with_h`` of the official
+    code stores it; ``record_at`` limits which timesteps are kept (memory).
+    """
+    grid = official_timesteps(steps, t_0)
+    with torch.no_grad(), HSpace(unet, record=record_at, to_cpu=True) as recorder:
+        x_t = ddim_invert(unet, scheduler, images, timesteps=grid, class_labels=class_labels)
+    return x_t, dict(recorder.h)
+
+
+def diffstyle_sample(
+    unet: Any,
+    scheduler: Any,
+    latents: torch.Tensor,
+    content_h: Mapping[int, torch.Tensor],
+    schedule: InjectionSchedule,
+    *,
+    gamma: float = 0.3,
+    dt_lambda: float = 0.9985,
+    local: Literal["official"] | torch.Tensor | None = None,
+    seeds: Sequence[int] | None = None,
+    asymmetric: bool = True,
+    class_labels: Any = None,
+) -> torch.Tensor:
+    """DiffInject's generative process (``diff_style`` of the official code).
+
+    ``latents``: the style images' inverted ``x_T``; ``content_h``: the content images'
+    h recorded during their own DDIM inversion (:func:`invert_with_h`), by timestep. At
+    every ``schedule.inject`` step the style process's h is replaced by
+    :func:`inject` ``(h, content_h[nearest t], gamma)`` with the content h taken at the
+    inversion timestep nearest the generation timestep (``take_closest``). Globally the
+    content h is rescaled to h's norm first (``norm="first"``); ``local="official"``
+    blends only :func:`official_local_mask` with the raw (un-normalised) Slerp of the
+    masked vectors, as the official ``use_mask`` branch does; a tensor is our box mask
+    (image or h resolution, ``norm="first"``). ``asymmetric=False`` takes the direction
+    term from the injected call too (not the official process). Stochastic steps draw
+    from one generator per image: pass ``seeds``.
+    """
+    batch = latents.shape[0]
+    device, _ = _unet_device_dtype(unet)
+    sched = _Schedule(scheduler)
+    labels = _labels(class_labels, batch, device, unet)
+    keys = sorted(content_h)
+    nearest = {t: nearest_timestep(keys, t) for t in schedule.inject}
+
+    def replace(h: torch.Tensor, t: int) -> torch.Tensor:
+        content = content_h[nearest[t]].to(device=h.device, dtype=h.dtype)
+        if content.shape[0] not in (1, h.shape[0]):
+            raise UnspurError(f"{content.shape[0]} content h for {h.shape[0]} images")
+        if isinstance(local, str):
+            if local != "official":
+                raise ConfigError(f"local must be 'official', a mask or None, got {local!r}")
+            return inject(h, content, gamma, mask=official_local_mask(h), norm="none")
+        return inject(h, content, gamma, mask=local, norm="first")
+
+    hooks = HSpace(unet, replace=replace, replace_at=lambda t: t in schedule.inject)
+
+    def eps_fn(x: torch.Tensor, t: int):
+        eps = unet_eps(unet, x, t, sched, labels)
+        if t not in schedule.replace:
+            return eps
+        plain = eps
+        if t in schedule.inject and asymmetric:
+            with hooks.paused():
+                plain = unet_eps(unet, x, t, sched, labels)
+        if t in schedule.shrink:
+            return eps, plain * dt_lambda
+        return eps, plain
+
+    generators = None if seeds is None else image_generators(seeds)
+    if generators is not None and len(generators) != batch:
+        raise UnspurError(f"{len(generators)} seeds for {batch} images")
+    with hooks:
+        return ddim_reverse(
+            unet,
+            scheduler,
+            latents,
+            list(schedule.gen_grid),
+            eps_fn=eps_fn,
+            class_labels=class_labels,
+            eta=lambda t: 1.0 if t in schedule.stochastic else 0.0,
+            generators=generators,
+        )
+
+
 def h_share(
     unet: Any,
     scheduler: Any,
@@ -428,9 +625,15 @@ def h_norms(h: torch.Tensor) -> torch.Tensor:
 
 __all__ = [
     "HSpace",
+    "InjectionSchedule",
     "ddim_sample_with_h",
+    "diffstyle_sample",
     "h_norms",
     "h_share",
     "inject",
+    "invert_with_h",
+    "nearest_timestep",
+    "official_local_mask",
+    "official_timesteps",
     "slerp",
 ]
