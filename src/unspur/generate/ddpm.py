@@ -1,8 +1,9 @@
 """Pixel-space DDPMs: P2-weighted training, DDIM sampling and DDIM inversion.
 
-The domain model of DiffInject is a DDPM trained on the task's own images with the P2
-weighting of Choi et al. 2022 ("Perception Prioritized Training of Diffusion Models"),
-then used with deterministic DDIM inversion and DDIM reverse steps in which the U-Net
+The domain model of DiffInject is a DDPM (ADM in the paper, Sec. 3) trained on the
+general dataset of the task's domain (MNIST, CIFAR-10, FFHQ, AFHQ; not the biased split)
+with the P2 weighting of Choi et al. 2022 ("Perception Prioritized Training of Diffusion
+Models"; paper Eq. 5-6), then used with deterministic DDIM inversion and DDIM reverse steps in which the U-Net
 bottleneck ("h-space", :mod:`unspur.generate.hspace`) is edited. This module holds the
 parts that are not about h-space:
 
