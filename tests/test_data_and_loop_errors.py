@@ -249,3 +249,62 @@ def test_run_records_threads_and_sums_wall_time_over_invocations(
     assert timing["earlier_seconds"] >= 2.0
     assert results["wall_seconds"] >= timing["earlier_seconds"] + 0.0
     assert results["wall_seconds"] > second + 1.5  # today's code: this invocation only
+
+
+# ------------------------------------------------------------------ unspur data inspect
+def inspect_csv(root: Path, capsys, *extra: str) -> tuple[int, str, str]:
+    from unspur.cli import main
+
+    code = main(["data", "inspect", "--dataset", "csv", "--root", str(root), *extra])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_inspect_passes_usable_data_and_warns_with_counts(tmp_path: Path, capsys) -> None:
+    rows = [r for r in FOUR_GROUPS if not r.startswith("img/train11")]  # train lacks a group
+    rows = [r for r in rows if ",test" not in r]  # no test split
+    write_csv(tmp_path, rows)
+    code, out, err = inspect_csv(tmp_path, capsys)
+    assert code == 0, err
+    assert "warning: split train (3 images) has no images of 1 of 4 group(s): g3" in out
+    assert "warning: no test split: no test metrics" in out
+    assert "checks: usable for a run (2 warning(s))" in out
+
+
+def test_inspect_fails_on_a_corrupt_image_and_a_split_missing_a_group(
+    tmp_path: Path, capsys
+) -> None:
+    rows = [r for r in FOUR_GROUPS if not r.startswith("img/val10")]
+    write_csv(tmp_path, rows)
+    (tmp_path / "img" / "test01.png").write_bytes(b"not an image")
+    code, out, err = inspect_csv(tmp_path, capsys)
+    assert code == 2
+    message = one_clean_paragraph(err)
+    assert "2 problem(s)" in message
+    assert "(1) 1 of 11 image(s) are missing or do not decode (img/test01.png)" in message
+    assert "--on-bad-image skip" in message
+    assert (
+        "(2) split val (3 images) has no images of 1 of 4 group(s): g2 (class1 / attr0)" in message
+    )
+    # Leaving the image out is a warning, but then test lacks its group too.
+    code, out, err = inspect_csv(tmp_path, capsys, "--on-bad-image", "skip")
+    assert code == 2 and "warning: 1 unreadable image(s) are left out" in out
+    message = one_clean_paragraph(err)
+    assert "2 problem(s): (1) split val" in message and "(2) split test (3 images)" in message
+
+
+def test_inspect_reports_a_label_typo_where_it_is_read(tmp_path: Path, capsys) -> None:
+    write_csv(tmp_path, FOUR_GROUPS + ["img/typo.png,5,0,train"])
+    code, out, err = inspect_csv(tmp_path, capsys)
+    assert code == 2
+    assert "label 5 makes 6 class ids" in one_clean_paragraph(err)
+
+
+def test_check_table_finds_classes_without_training_images(tmp_path: Path) -> None:
+    from unspur.data.checks import check_table
+
+    write_csv(tmp_path, FOUR_GROUPS)
+    table = load_dataset("csv", tmp_path, class_names="cat,dog,bird")  # no bird images
+    inspection = check_table(table, [])
+    assert not inspection.usable
+    assert "1 class(es) have no training images: bird" in inspection.errors[0].message

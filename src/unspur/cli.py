@@ -58,12 +58,24 @@ def cmd_data_inspect(args: argparse.Namespace) -> None:
     config = load_config(None, overrides)
     config.data.root = args.root
     config.data.options = _reader_options(args.option)
-    config.data.on_bad_image = args.on_bad_image
+    config.data.on_bad_image = args.on_bad_image or "fail"
     config.data.bias_ratio = args.bias_ratio
     config.data.balance_eval = args.balance_eval
+    from unspur.data.checks import check_table, find_bad_images
     from unspur.pipeline import prepare_table
 
     table = prepare_table(config)
+    bad = None
+    if config.data.on_bad_image == "fail":  # with skip, prepare_table left them out
+        print(f"decoding the {len(table.frame)} images to find unreadable ones ...", flush=True)
+        bar = None
+        if sys.stderr.isatty():
+            from tqdm.auto import tqdm
+
+            def bar(names):
+                return tqdm(names, desc="decoding", leave=False)
+
+        bad = find_bad_images(table, bar)
     counts = table.counts()
     print(f"dataset: {table.name}  ({len(table.frame)} images, {table.n_groups} groups)")
     print(counts.to_string())
@@ -76,6 +88,17 @@ def cmd_data_inspect(args: argparse.Namespace) -> None:
     )
     for key, value in table.info.items():
         print(f"{key}: {value}")
+    # Exit 0 only when `unspur run` can use the data; warnings are printed with counts.
+    inspection = check_table(table, bad)
+    for finding in inspection.warnings:
+        print(f"warning: {finding.message}")
+    if not inspection.usable:
+        problems = " ".join(f"({i}) {f.message}." for i, f in enumerate(inspection.errors, 1))
+        raise UnspurError(
+            f"{table.name}: the data cannot be used for a run as it stands; "
+            f"{len(inspection.errors)} problem(s): {problems}"
+        )
+    print(f"checks: usable for a run ({len(inspection.warnings)} warning(s))")
 
 
 def _config_path(args: argparse.Namespace) -> str | None:

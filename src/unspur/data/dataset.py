@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
@@ -101,15 +100,10 @@ def drop_bad_images(table: GroupTable, policy: str = "fail") -> GroupTable:
         return table
     if policy != "skip":
         raise DataError(f"on_bad_image must be 'fail' or 'skip', got {policy!r}")
-    good = np.ones(len(table.frame), dtype=bool)
-    bad: list[str] = []
-    for i, name in enumerate(table.frame["filename"]):
-        try:
-            table.store.open(name)
-        except DataError:
-            good[i] = False
-            bad.append(name)
-    result = table.subset(good)
+    from unspur.data.checks import find_bad_images
+
+    bad = find_bad_images(table)
+    result = table.subset(~table.frame["filename"].isin(bad).to_numpy())
     result.info["skipped_bad_images"] = len(bad)
     result.info["skipped_bad_image_files"] = bad[:20]
     return result
