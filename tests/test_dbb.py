@@ -396,3 +396,166 @@ def test_dbb_refuses_bad_options(tmp_path):
     config = _config("domain", pruning="sometimes")
     with pytest.raises(ConfigError, match="pruning"):
         run(config, tmp_path)
+
+
+# ------------------------------------------------ the IG condition (Eq. 4-5, Table 10)
+class _Leaky(nn.Module):
+    """Linear logits on channel 0: f_0 = -(sum outside the mask), f_1 = (sum outside) +
+    0.1 (sum inside). An edit that leaks outside the mask moves the prediction a lot while
+    the masked region itself barely supports the new class."""
+
+    def __init__(self, mask: torch.Tensor) -> None:
+        super().__init__()
+        self.linear = nn.Linear(3 * 8 * 8, 2, bias=False)
+        inside = torch.zeros(3, 8, 8)
+        inside[0] = mask.float()
+        outside = torch.zeros(3, 8, 8)
+        outside[0] = 1.0 - mask.float()
+        with torch.no_grad():
+            self.linear.weight.copy_(torch.stack([-outside, outside + 0.1 * inside]).flatten(1))
+
+    def forward(self, x):
+        return self.linear(x.flatten(1))
+
+
+def test_psi_keeps_but_rho_prunes_an_edit_that_does_not_support_the_new_class():
+    from unspur.methods.dbb import resolve_rho_thresholds, rho_scores
+
+    mask = torch.zeros(8, 8, dtype=torch.bool)
+    mask[2:6, 2:6] = True  # 16 pixels
+    model = _Leaky(mask)
+    original = torch.zeros(1, 3, 8, 8)
+    generated = torch.full((1, 3, 8, 8), 0.1)  # no paste-back: the outside changed too
+    generated[0, :, mask] = 0.5
+    options = {"ig_steps": 16, "ig_internal_batch_size": 16, "ig_batch_size": 4}
+    options["ig_output"] = "logit"
+    rho = float(rho_scores(model, generated, original, mask[None], [1], options)[0])
+    # IG of a linear model is exact: inside the mask 0.1 * 16 * 0.5 = 0.8; the 4.8 that
+    # the outside contributes to f_1 is not part of rho.
+    assert rho == pytest.approx(0.8, abs=1e-5)
+    with torch.no_grad():
+        psi = float(torch.softmax(model(generated), 1)[0, 0])
+    Psi = 0.9  # the class's mean softmax (Eq. 3)
+    thresholds = resolve_rho_thresholds([1.0, 1.0], 2)  # Table 10, Waterbirds P1, P2
+    assert prune_decision(psi, Psi, rho, thresholds[1], "psi").keep  # psi alone keeps it
+    decision = prune_decision(psi, Psi, rho, thresholds[1], "both")
+    assert not decision.keep and decision.reason == REASON_RHO  # rho prunes it
+    # The old scalar P = 0 ("the new class's score went up") would have kept it.
+    assert prune_decision(psi, Psi, rho, 0.0, "both").keep
+
+
+def test_rho_thresholds_per_new_class_and_calibration():
+    from unspur.methods.dbb import calibrate_rho_thresholds, resolve_rho_thresholds
+
+    assert resolve_rho_thresholds([2, 0.3], 2) == [2.0, 0.3]  # Table 10, CelebA
+    assert resolve_rho_thresholds(1, 3) == [1.0, 1.0, 1.0]
+    assert resolve_rho_thresholds("calibrate", 2) is None
+    with pytest.raises(ConfigError, match="rho_threshold"):
+        resolve_rho_thresholds([1.0], 2)
+    rho = np.array([0.0, 1.0, 2.0, 3.0, 4.0, 10.0, 20.0, np.nan, 30.0])
+    new_class = np.array([0, 0, 0, 0, 0, 1, 1, 1, 1])
+    # Every candidate in the subset: P_c = the quantile of its class's finite scores.
+    p = calibrate_rho_thresholds(rho, new_class, 3, samples=100, quantile=0.5, seed=0)
+    assert p[0] == pytest.approx(2.0) and p[1] == pytest.approx(20.0) and math.isnan(p[2])
+    # A subset of 2 per class draws 2 of the class's scores.
+    small = calibrate_rho_thresholds(rho, new_class, 2, samples=2, quantile=0.0, seed=1)
+    assert small[0] in {0.0, 1.0, 2.0, 3.0} and small[1] in {10.0, 20.0}
+
+
+def test_psi_over_the_class_or_the_low_loss_subset():
+    from unspur.methods.dbb import low_loss_mean_softmax
+
+    probabilities = np.array([[0.9, 0.1], [0.5, 0.5], [0.2, 0.8], [0.4, 0.6]])
+    y = np.array([0, 0, 1, 1])
+    assert np.allclose(class_mean_softmax(probabilities, y, 2), [0.7, 0.7])  # Eq. 3
+    selected = {0: np.array([0]), 1: np.array([2])}  # the lowest-loss sample of each
+    assert np.allclose(low_loss_mean_softmax(probabilities, selected, 2), [0.9, 0.8])
+
+
+# ------------------------------------------------------- token samples (section 8.2)
+#: CelebA's class-balanced training groups (Table 7): (not blond, female) 12,426,
+#: (not blond, male) 11,841, (blond, female) 22,880, (blond, male) 1,387.
+CELEBA_TABLE7 = np.array([12426, 11841, 22880, 1387])
+#: Waterbirds (Table 6): landbird land/water 3,498 / 184, waterbird land/water 56 / 1,018.
+WATERBIRDS_TABLE6 = np.array([3498, 184, 56, 1018])
+
+
+def test_token_attributes_follow_the_other_class():
+    from unspur.methods.dbb import associated_attributes, token_attributes
+
+    # CelebA: non-blond goes with men although non-blond women are more numerous.
+    assert associated_attributes(CELEBA_TABLE7, 2, 2) == [1, 0]
+    # Non-blond token from non-blond women (a = 0), blond token from blond men (a = 1).
+    assert token_attributes(CELEBA_TABLE7, 2, 2) == {0: [0], 1: [1]}
+    # Waterbirds: landbirds on water (a = 1), waterbirds on land (a = 0).
+    assert token_attributes(WATERBIRDS_TABLE6, 2, 2) == {0: [1], 1: [0]}
+    # An explicit override wins for the classes it names.
+    assert token_attributes(CELEBA_TABLE7, 2, 2, {1: [0]}) == {0: [0], 1: [0]}
+
+
+def _celeba_context():
+    """A stand-in run context with CelebA-shaped training counts and a validation set
+    holding every (class, gender) group."""
+    from types import SimpleNamespace
+
+    y_val = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    a_val = np.array([0, 0, 1, 1, 0, 0, 1, 1])  # a = 1: Male
+    val = SimpleNamespace(y=torch.from_numpy(y_val), a=torch.from_numpy(a_val))
+    table = SimpleNamespace(
+        class_names=["not Blond_Hair", "Blond_Hair"], attr_names=["not Male", "Male"],
+        n_classes=2, n_attrs=2,
+    )  # fmt: skip
+    return SimpleNamespace(
+        train=SimpleNamespace(table=table), val=val, train_group_counts=CELEBA_TABLE7,
+        config=SimpleNamespace(seed=0),
+    )  # fmt: skip
+
+
+def test_celeba_token_samples_are_non_blond_women_and_blond_men():
+    from unspur.methods.dbb import DBB
+
+    context = _celeba_context()
+    options = {**DBB.defaults, "token_samples": 10}
+    losses, y = np.zeros(4), np.array([0, 0, 1, 1])
+    samples = DBB()._token_samples(context, options, losses, y, np.arange(4))
+    dataset, positions, source = samples[0]
+    assert source == "val_minority" and positions.tolist() == [0, 1]  # non-blond women
+    assert samples[1][1].tolist() == [6, 7]  # blond men
+    # The per-dataset override, by names.
+    options["token_attributes"] = {"Blond_Hair": "not Male"}
+    samples = DBB()._token_samples(context, options, losses, y, np.arange(4))
+    assert samples[1][1].tolist() == [4, 5]
+    options["token_attributes"] = {"Blond_Hair": "bald"}
+    with pytest.raises(ConfigError, match="token_attributes"):
+        DBB()._token_samples(context, options, losses, y, np.arange(4))
+
+
+# ----------------------------------------------------- class-balanced pool (section 7)
+def test_class_balanced_pool_and_selection_inside_it():
+    from unspur.methods.dbb import training_pool
+
+    y = np.array([0] * 8 + [1] * 3)
+    assert training_pool(y, 2, False, 0).tolist() == list(range(11))
+    pool = training_pool(y, 2, True, 0)
+    assert np.bincount(y[pool]).tolist() == [3, 3]
+    assert np.array_equal(pool, training_pool(y, 2, True, 0))  # seeded
+    losses = np.arange(11, dtype=float)
+    lowest = rank_per_class(losses, y, [2, 2], pool=pool)
+    assert set(lowest[0]) <= set(pool) and set(lowest[1]) <= set(pool)
+
+
+# -------------------------------------------- textual inversion on the text-to-image model
+def test_inversion_model_is_the_generators_text_to_image_family(tmp_path):
+    from types import SimpleNamespace
+
+    from unspur.methods.dbb import DBB, inversion_templates, inversion_weights
+
+    options = {**DBB.defaults, "generator": "stabilityai/stable-diffusion-2-inpainting"}
+    context = SimpleNamespace(out_dir=tmp_path)
+    assert inversion_weights(options, context) == "stabilityai/stable-diffusion-2-base"
+    assert inversion_weights({**options, "inversion_model": "generator"}, context) == "generator"
+    with pytest.raises(ConfigError, match="inversion_model"):
+        inversion_weights({**options, "generator": str(tmp_path)}, context)
+    templates = inversion_templates(options, "bird")
+    assert templates[0] == "a photo of a {} bird"  # section 4.1: "A photo of a [C] bird"
+    assert all(t.endswith("{} bird") for t in templates)
