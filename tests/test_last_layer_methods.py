@@ -32,7 +32,7 @@ from unspur.methods.dfr import (
     fit_scaler,
     group_accuracies,
 )
-from unspur.methods.jtt import error_set, upsample
+from unspur.methods.jtt import JTT, OnlinePredictions, error_set, upsample
 from unspur.methods.last_layer import retrain_last_layer
 from unspur.models.factory import build_model
 from unspur.train.features import extract_features
@@ -221,6 +221,68 @@ def test_jtt_error_set_is_exactly_the_misclassified_set():
     expected = np.flatnonzero((x[:, 0] > 0).astype(int) != y)
     assert error_set(model, ArrayItems(x, y), batch_size=7).tolist() == expected.tolist()
     assert set(expected) == {3, 7, 11}
+
+
+def epoch_clock(batches_per_epoch: int) -> nn.Module:
+    """An MLP that predicts class ``e mod 3`` in training epoch ``e``, class 2 in eval."""
+    model = build_model("mlp", 3, in_features=2, hidden=[4])
+    calls = {"n": 0}
+
+    def forward(x, **_):
+        if model.training:
+            label = (calls["n"] // batches_per_epoch) % 3
+            calls["n"] += 1
+        else:
+            label = 2
+        logits = torch.zeros(len(x), 3)
+        logits[:, label] = 5.0
+        return logits + 0.0 * model.head.weight.sum()
+
+    model.forward = forward
+    return model
+
+
+def test_jtt_online_error_set_is_the_train_mode_pass_of_epoch_index_t(tmp_path):
+    """anniesch/jtt reads the online predictions of epoch index T, not an eval pass."""
+    from unspur.train.loop import fit
+
+    assert JTT.defaults["error_pass"] == "eval"  # the paper's fixed f_id; online: option
+    y = np.arange(30) % 3
+    data = ArrayItems(np.zeros((30, 2)), y)
+    data.group_counts = lambda: torch.ones(1)
+    t = 1
+    online = OnlinePredictions(len(data), record_epoch=t)
+    model = epoch_clock(batches_per_epoch=3)
+    config = TrainConfig(epochs=t + 1, batch_size=10, lr=0.1, progress=False, selection="last")
+    fit(model, data, None, config, tmp_path / "identify", objective=online)
+    assert online.predicted.tolist() == [1] * 30  # epoch index 1, in train mode
+    assert online.errors(torch.as_tensor(y)).tolist() == np.flatnonzero(y != 1).tolist()
+    # Today's eval pass of the same model sees class 2: a different set.
+    assert error_set(model, data, batch_size=7).tolist() == np.flatnonzero(y != 2).tolist()
+    # A finished stage keeps its record (the objective's state is in the checkpoint).
+    again = OnlinePredictions(len(data), record_epoch=t)
+    fit(epoch_clock(3), data, None, config, tmp_path / "identify", objective=again)
+    assert torch.equal(again.predicted, online.predicted)
+    with pytest.raises(ConfigError, match="no prediction"):
+        OnlinePredictions(4, record_epoch=0).errors(torch.zeros(4, dtype=torch.long))
+
+
+def test_jtt_online_runs_end_to_end(tmp_path):
+    import json
+
+    from helpers import DEBUG
+
+    from unspur.config import load_config
+    from unspur.pipeline import run
+
+    options = ["method.name=jtt", "method.options.identification_epochs=1"]
+    run(load_config(None, DEBUG + options + ["method.options.error_pass=online"]), tmp_path)
+    stage = tmp_path / "jtt_identify_online"
+    report = json.loads((stage / "error_set.json").read_text())
+    assert report["error_pass"] == "online"
+    assert len(json.loads((stage / "history.json").read_text())) == 2  # T + 1 epochs
+    with pytest.raises(ConfigError, match="error_pass"):
+        run(load_config(None, DEBUG + options + ["method.options.error_pass=x"]), tmp_path / "b")
 
 
 @pytest.fixture(scope="module")

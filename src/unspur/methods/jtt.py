@@ -4,9 +4,23 @@
 
 Stage 1 (identification): train an ERM model for ``T`` epochs and keep the model of the
 *last* epoch (no validation-based selection in this stage; the paper treats ``T`` as
-the hyperparameter). The *error set* is the training samples this model misclassifies,
-evaluated in eval mode with the eval transform (no augmentation), so the set does not
-depend on a random crop.
+the hyperparameter). The *error set* is the training samples this model misclassifies.
+Two ways to read "misclassifies" (option ``error_pass``):
+
+- ``eval`` (default): one pass of the model after ``T`` epochs over the training set in
+  eval mode with the eval transform (no augmentation, BatchNorm on its running
+  statistics). This is the paper's definition (Algorithm 1: the error set is the
+  training examples misclassified by the identification model f_id trained for ``T``
+  epochs, one fixed model), and the set does not depend on a random crop or on the
+  order of the batches; hence the default.
+- ``online``: the official code's set. ``anniesch/jtt``'s ``train.py`` logs, during
+  every training epoch, the prediction of each sample made in train mode on its
+  training batch (before that batch's update; augmentation if enabled, BatchNorm on
+  batch statistics), and ``process_training.py --final_epoch T`` reads the log of epoch
+  index ``T`` (0-based, ``output_train_epoch_{T}.csv``), i.e. the pass that starts after
+  ``T`` full epochs. ``online`` does exactly that: the identification stage trains
+  ``T + 1`` epochs and records those predictions during the last one
+  (:class:`OnlinePredictions`); the stage is ``jtt_identify_online``.
 
 Stage 2 (final model): train a *new* model (``context.build_model()``) with ERM on the
 training set with the error set up-sampled by ``lambda_up``, selected on validation by
@@ -56,6 +70,7 @@ from unspur.methods.base import Method, RunContext, Supervision, register_method
 from unspur.train.features import with_transform
 from unspur.train.group_inference import misclassified, precision_recall, true_minority
 from unspur.train.loop import FitResult
+from unspur.train.objectives import Objective
 
 logger = logging.getLogger(__name__)
 
@@ -116,22 +131,74 @@ def error_set(
     return np.flatnonzero(misclassified(model, dataset, batch_size, num_workers))
 
 
+ERROR_PASSES = ("eval", "online")
+
+
+class OnlinePredictions(Objective):
+    """Cross-entropy (ERM) that records each sample's training-time prediction.
+
+    During epoch index ``record_epoch`` (0-based: the pass after ``record_epoch`` full
+    epochs) the argmax of the logits the loop computes for the batch, in train mode and
+    before the batch's update, is stored per dataset index, as the official JTT
+    ``train.py`` logs it. The record is part of the objective's state, so a finished or
+    resumed stage still has it.
+    """
+
+    name = "erm_online_predictions"
+
+    def __init__(self, n: int, record_epoch: int) -> None:
+        self.record_epoch = int(record_epoch)
+        self.epoch = 0
+        self.predicted = torch.full((n,), -1, dtype=torch.long)
+
+    def step(self, model, x, y, g, index):
+        logits = model(x)
+        if self.epoch == self.record_epoch:
+            rows = self.gather(index.detach()).cpu().long()
+            self.predicted[rows] = self.gather(logits.detach().argmax(1)).cpu().long()
+        return self(logits, y, g, index), logits
+
+    def on_epoch_end(self, epoch: int) -> None:
+        self.epoch = epoch + 1
+
+    def errors(self, y: torch.Tensor) -> np.ndarray:
+        """Indices whose recorded prediction is wrong; every sample must have one."""
+        if (self.predicted < 0).any():
+            raise ConfigError(
+                f"JTT online error set: {int((self.predicted < 0).sum())} training samples "
+                f"got no prediction in epoch {self.record_epoch + 1}"
+            )
+        return np.flatnonzero((self.predicted != y.cpu().long()).numpy())
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "predicted": self.predicted.clone()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        predicted = state["predicted"]
+        if predicted.shape != self.predicted.shape:
+            raise ValueError("JTT online predictions saved for another training set")
+        self.epoch = int(state["epoch"])
+        self.predicted = predicted.clone().long()
+
+
 @register_method
 class JTT(Method):
     """Just Train Twice: up-sample what an early-stopped ERM model gets wrong.
 
-    Options: ``identification_epochs`` (T, default 2) and ``lambda_up`` (default 50);
-    the paper's per-dataset values are in the module docstring. Stage 1 runs in
-    ``out_dir/jtt_identify`` with the run's train config except ``epochs=T`` and
-    last-epoch selection; the error set, with precision/recall against the true
-    bias-conflicting samples, goes to ``out_dir/jtt_identify/error_set.json``; stage 2
-    runs in ``out_dir/jtt_final``.
+    Options: ``identification_epochs`` (T, default 2), ``lambda_up`` (default 50) and
+    ``error_pass`` (``eval``, the paper's fixed model, default; ``online``, the official
+    code's train-mode predictions during epoch index T); the paper's per-dataset values
+    are in the module docstring. Stage 1 runs in ``out_dir/jtt_identify`` (``online``:
+    ``jtt_identify_online``, T + 1 epochs) with the run's train config except the
+    epochs and last-epoch selection; the error set, with precision/recall against the
+    true bias-conflicting samples and the pass that made it, goes to
+    ``error_set.json`` in that folder; stage 2 runs in ``out_dir/jtt_final``.
     """
 
     name = "jtt"
     supervision = Supervision(train_group_labels=False, val_group_labels=True)
     summary = "just train twice: retrain with the early ERM model's errors up-sampled"
-    defaults = {"identification_epochs": 2, "lambda_up": 50}
+    defaults = {"identification_epochs": 2, "lambda_up": 50, "error_pass": "eval"}
     debug_options = {"identification_epochs": 1, "lambda_up": 5}
 
     def run(self, context: RunContext) -> tuple[nn.Module, FitResult]:
@@ -141,18 +208,35 @@ class JTT(Method):
             raise ConfigError(
                 f"jtt option identification_epochs must be a positive integer, got {epochs!r}"
             )
+        error_pass = context.options["error_pass"]
+        if error_pass not in ERROR_PASSES:
+            raise ConfigError(
+                f"jtt option error_pass={error_pass!r} is not one of {', '.join(ERROR_PASSES)}"
+            )
         train_config = context.config.train
         identify = context.build_model()
-        context.fit(
-            identify,
-            "jtt_identify",
-            train_config=replace(train_config, epochs=epochs, selection="last"),
-        )
-        eval_view = with_transform(context.train, context.eval_transform)
-        errors = error_set(
-            identify, eval_view, train_config.eval_batch_size, train_config.num_workers
-        )
-        self._record(context, errors)
+        if error_pass == "online":
+            stage = "jtt_identify_online"
+            online = OnlinePredictions(len(context.train), record_epoch=epochs)
+            context.fit(
+                identify,
+                stage,
+                train_config=replace(train_config, epochs=epochs + 1, selection="last"),
+                objective=online,
+            )
+            errors = online.errors(context.train.y)
+        else:
+            stage = "jtt_identify"
+            context.fit(
+                identify,
+                stage,
+                train_config=replace(train_config, epochs=epochs, selection="last"),
+            )
+            eval_view = with_transform(context.train, context.eval_transform)
+            errors = error_set(
+                identify, eval_view, train_config.eval_batch_size, train_config.num_workers
+            )
+        self._record(context, errors, stage, error_pass)
         if len(errors) == 0:
             logger.warning(
                 "JTT: the identification model makes no training error after %d epoch(s); "
@@ -164,13 +248,14 @@ class JTT(Method):
         return model, context.fit(model, "jtt_final", train=upsampled)
 
     @staticmethod
-    def _record(context: RunContext, errors: np.ndarray) -> None:
+    def _record(context: RunContext, errors: np.ndarray, stage: str, error_pass: str) -> None:
         train = context.train
         is_error = np.zeros(len(train), dtype=bool)
         is_error[errors] = True
         y, g = train.y.numpy(), train.g.numpy()
         table = train.table
         report = {
+            "error_pass": error_pass,
             "n_train": len(train),
             "n_errors": int(len(errors)),
             "errors_per_group": np.bincount(g[is_error], minlength=table.n_groups).tolist(),
@@ -179,4 +264,4 @@ class JTT(Method):
             ),
             "error_indices": errors.tolist(),
         }
-        atomic_write_json(context.out_dir / "jtt_identify" / "error_set.json", report)
+        atomic_write_json(context.out_dir / stage / "error_set.json", report)
