@@ -308,3 +308,55 @@ def test_check_table_finds_classes_without_training_images(tmp_path: Path) -> No
     inspection = check_table(table, [])
     assert not inspection.usable
     assert "1 class(es) have no training images: bird" in inspection.errors[0].message
+
+
+# ------------------------------------------------------------------ output while training
+def test_training_says_at_once_what_it_trains_then_times_each_epoch(
+    tmp_path: Path, monkeypatch, capsys
+) -> None:
+    import sys
+
+    from unspur.config import TrainConfig
+    from unspur.data.dataset import GroupDataset
+    from unspur.data.transforms import eval_transform
+    from unspur.models.factory import build_model
+    from unspur.train import loop
+
+    write_csv(tmp_path / "data", FOUR_GROUPS)
+    table = load_dataset("csv", tmp_path / "data")
+    transform = eval_transform(8, 1.0)
+    train = GroupDataset(table.split("train"), transform)
+    val = GroupDataset(table.split("val"), transform)
+    model = build_model("small_cnn", 2, widths=[4, 4])
+    config = TrainConfig(epochs=3, batch_size=2, threads=1, augment=False, progress=True)
+    monkeypatch.setattr(loop, "PROGRESS_EVERY", 0.0)  # not a terminal: a line per batch
+    loop.fit(model, train, val, config, tmp_path / "stage", description="erm")
+    captured = capsys.readouterr()
+    lines = captured.out.splitlines()
+    assert lines[0].startswith("[erm] training on 4 images (4 groups, 2 classes), validating on 4")
+    assert "3 epoch(s) of 2 batch(es) of 2; device cpu, 1 torch thread(s)" in lines[0]
+    assert lines[1].startswith("[erm] epoch 1/3: loss") and "left" in lines[1]
+    assert lines[3].startswith("[erm] epoch 3/3") and "left" not in lines[3]
+    assert "[erm] epoch 1/3: 1/2 batches" in captured.err and "left in this epoch" in captured.err
+
+    # On a terminal: a tqdm bar instead of the plain lines.
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    loop.fit(model, train, val, config, tmp_path / "again", description="erm")
+    err = capsys.readouterr().err
+    assert "[erm] epoch 1/3" in err and ("it/s" in err or "s/it" in err)
+    assert "batches," not in err
+
+
+def test_an_empty_group_from_a_rare_label_points_at_its_row(tmp_path: Path, capsys) -> None:
+    from unspur.data.table import require_nonempty_groups
+
+    write_csv(tmp_path, FOUR_GROUPS + ["img/typo.png,1,2,val"])  # a=2: one row only
+    table = load_dataset("csv", tmp_path)
+    with pytest.raises(
+        DataError,
+        match=r"g2 \(class0 / attr2\).*A label typo\? a=2 \(attr2\) "
+        r"occurs only in img/typo.png: fix those rows",
+    ):
+        require_nonempty_groups(table, "val")
+    code, out, err = inspect_csv(tmp_path, capsys)
+    assert code == 2 and "a=2 (attr2) occurs only in img/typo.png" in one_clean_paragraph(err)

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from unspur.data.table import SPLITS, GroupTable, group_ids
+from unspur.data.table import SPLITS, GroupTable, group_ids, rare_label_hint
 from unspur.errors import DataError
 
 #: At most this many names are listed in a finding; the count is always given.
@@ -159,7 +159,8 @@ def check_table(table: GroupTable, bad_images: list[str] | None = None) -> Inspe
                     f"split {split} ({n_rows} images) has no images of {len(missing)} of "
                     f"{table.n_groups} group(s): {_shown(named)}; worst-group metrics need "
                     f"every group in {split}. Add {split} images of those groups, check "
-                    "their labels for a typo, or choose another split or attribute",
+                    "their labels for a typo, or choose another split or attribute"
+                    f"{rare_label_hint(table, missing)}",
                 )
             )
     findings.sort(key=lambda f: f.level != "error")

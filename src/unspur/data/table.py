@@ -142,5 +142,31 @@ def require_nonempty_groups(table: GroupTable, split: str) -> None:
         raise DataError(
             f"{table.name}: split {split!r} has no samples of group(s) {names}; "
             "worst-group metrics need every group present (choose another bias ratio, "
-            "split or attribute)"
+            f"split or attribute){rare_label_hint(table, empty)}"
         )
+
+
+#: A class or attribute with at most this many rows in all splits looks like a typo.
+RARE_LABEL_ROWS = 3
+
+
+def rare_label_hint(table: GroupTable, groups: list[int]) -> str:
+    """Name the rows of a class or attribute of ``groups`` that (almost) never occurs.
+
+    An empty group is often a typo'd label (``a=2`` in one row makes a third attribute
+    whose groups are empty everywhere else); pointing at that row is the useful fix.
+    """
+    frame = table.frame
+    hints = []
+    for column, values, names in (
+        ("y", sorted({g // table.n_attrs for g in groups}), table.class_names),
+        ("a", sorted({g % table.n_attrs for g in groups}), table.attr_names),
+    ):
+        for value in values:
+            rows = frame.index[frame[column] == value]
+            if 0 < len(rows) <= RARE_LABEL_ROWS:
+                files = ", ".join(str(frame["filename"].iloc[r]) for r in rows)
+                hints.append(f"{column}={value} ({names[value]}) occurs only in {files}")
+    if not hints:
+        return ""
+    return f". A label typo? {'; '.join(hints)}: fix those rows if so"
