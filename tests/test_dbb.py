@@ -375,6 +375,7 @@ def test_dbb_ablations_no_inversion_no_pruning(tiny_inpainter, tmp_path, monkeyp
     config = _config(
         tiny_inpainter, textual_inversion=False, pruning="none", k=2,
         token_source="high_loss", object_word="shape", mask_region="box",
+        init="reference_new_head", paste_back=True, rho_threshold=[0.0, 0.0],
     )  # fmt: skip
     run(config, tmp_path)
     folder = tmp_path / "dbb"
@@ -387,8 +388,14 @@ def test_dbb_ablations_no_inversion_no_pruning(tiny_inpainter, tmp_path, monkeyp
         mask = np.asarray(Image.open(folder / "store" / name)) >= 128
         rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
         assert mask[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1].all()
+    for _, row in manifest.iterrows():  # paste_back: every pixel outside the mask is the parent's
+        image = np.asarray(Image.open(folder / "store" / row["filename"]).convert("RGB"))
+        mask = np.asarray(Image.open(folder / "store" / row["mask"])) >= 128
+        parent = results_parent(tmp_path, row["parent"], image.shape[:2])
+        assert (image[~mask] == parent[~mask]).all()
     candidates = pd.read_csv(folder / "candidates.csv")
     assert candidates["used"].all()  # no pruning: every generated candidate is used
+    assert (candidates["P"] == 0.0).all()
     assert json.loads((folder / "statistics.json").read_text())["pruning"] == "none"
 
 

@@ -7,11 +7,17 @@ mask, with the *original* image as the baseline (not a black image)::
     IG_j(x) = (x_j - x'_j) * integral_0^1 d f_{i'}(x' + a (x - x')) / d x_j  da
     rho     = sum_{j in mask} IG_j(x_new; baseline x_orig)
 
-Completeness: ``sum_j IG_j = f_{i'}(x) - f_{i'}(x')`` up to the quadrature error of
-``n_steps`` points. With the baseline equal to the input outside the edited region
-(inpainting pastes the original pixels back), every attribution outside that region is
-exactly 0, so ``rho`` over a mask that covers the edit is the full change of the new
-class's score caused by the edit, distributed over the pixels that made it.
+(DBB's Eq. 4-5.) Completeness: ``sum_j IG_j = f_{i'}(x) - f_{i'}(x')`` up to the
+quadrature error of ``n_steps`` points. DBB scores the inpainting model's output as it is
+(Eq. 2 keeps the unmasked region in latent space, no pixel paste-back), so the pixels
+outside the mask differ slightly from the baseline (the VAE round trip) and carry
+attributions of their own; ``rho`` leaves them out, and is therefore *not* the whole
+change of the new class's score, only the part the masked region makes. Where the
+baseline equals the input (paste-back, an option of DBB), the attribution is exactly 0
+and ``rho`` over a mask that covers the edit is the full change.
+
+``n_steps`` defaults to 32 here (our choice for speed); Captum's own default, which the
+official DBB code uses, is 50 (DBB's ``ig_steps`` default).
 
 :func:`integrated_gradients` hands a whole batch of images to one Captum call (each with
 its own baseline and target); Captum expands it to ``n_steps * B`` interpolated inputs

@@ -1,13 +1,15 @@
 """Textual inversion: learn one new token's embedding from a few images (Gal et al. 2022).
 
 DBB learns one token per class (``<class-0>``, ``<class-1>``, ...) from the class's images
-and then asks an inpainting model to draw "a photo of a <class-1>" into the object mask
-of a class-0 image. A token is a row of the text encoder's input-embedding matrix, so it
-only means something to the text encoder it was trained on: train it on the text encoder
-of the very model that will use it (for DBB, Stable Diffusion 2 inpainting; its
-OpenCLIP encoder shares the 1024-d embedding space with SD-2 base, while an SD-1.5 token
-is 768-d and cannot go into SD-2). :func:`load_embedding` checks the dimension before
-loading.
+and then asks an inpainting model to draw "a photo of a <class-1> bird" into the object
+mask of a class-0 image. A token is a row of the text encoder's input-embedding matrix,
+so it only means something to the text encoder it was trained on: train it on a model
+with the text encoder of the model that will use it. DBB trains on the text-to-image
+model of the inpainting model's family (the official README command: SD-2 base for SD-2
+inpainting; both use the same 1024-d OpenCLIP text encoder, while an SD-1.5 token is
+768-d and cannot go into SD-2) and loads the token into the inpainting pipeline.
+:func:`load_embedding` checks the dimension before loading. Text-to-image and inpainting
+UNets both train here (see below).
 
 How the token is trained
     The objective is the usual noise-prediction MSE: encode an image with the frozen VAE,
@@ -38,8 +40,12 @@ schedule, no warm-up, 3000 steps): ``scale_lr`` multiplies the rate by the batch
 unscaled, with 500 warm-up steps). From the script: AdamW with weight decay 1e-2, no
 gradient clipping, random horizontal flips (p 0.5), an initialiser token for the starting
 vector. The authors' code (``rinongal/textual_inversion``, SD config) uses a base rate of
-5e-3 scaled by batch size x GPUs and up to 6100 steps. The DBB paper's own values were
-not available offline; set them in the method's config when known.
+5e-3 scaled by batch size x GPUs and up to 6100 steps. The DBB paper uses "the
+Huggingface implementation" (its section 8.1) and the official DBB README runs it with
+exactly the README values above (SD-2 base, 512 px, batch 1 x 4 accumulation, 3000 steps,
+5e-4 with ``--scale_lr``, constant, no warm-up) and templates with the class name after
+the token ("a photo of a {} animal"); its dataset draws no flips (DBB passes
+``flip_probability=0``).
 
 On disk (``out_dir``): ``learned_embeds.safetensors`` holding ``{placeholder: tensor[dim]}``
 (diffusers' file name and key layout, so ``pipeline.load_textual_inversion(out_dir)`` reads

@@ -1,80 +1,119 @@
 """DBB: diffusion-driven balancing ("Leveraging Text-to-Image Generation for Handling
-Spurious Correlation", Yazdan Parast, Azam and Akhtar, 2025; its Algorithms 1 and 2).
+Spurious Correlation", Yazdan Parast, Azam and Akhtar, 2025; Algorithms 1 and 2).
 
 The recipe, stage by stage (files under ``out_dir/dbb``):
 
 1. **Reference model.** ERM (``context.reference_model()``, shared with every method).
    Its per-sample cross-entropy (``reduction="none"``) and softmax on every training
-   image (eval transform) are computed once: they drive the selection and the
-   threshold ``Psi_i`` (``selection.json``).
-2. **Causal tokens** (Algorithm 1; ``tokens/class<i>/``). One textual-inversion token
-   ``<dbb-i>`` per class, learned from ``token_samples`` (paper: 20-40) images of the
-   class: ``token_source: val_minority`` takes *validation* samples of the class's
-   minority groups (group labels on validation: supervision ✓; which groups are minority
-   comes from the training group *sizes*, ``train_group_counts``, never a training
-   sample's label); ``high_loss`` takes the class's highest-loss *training* samples
-   under ERM (no group label). The token is trained on the text encoder of the very
-   inpainting pipeline that generates (:func:`unspur.generate.textual_inversion.
-   train_textual_inversion` on ``generator.pipeline``), with the images' object masks
-   as the inpainting region, and loaded into that pipeline with a dimension check.
-   ``textual_inversion: false`` (ablation) uses the plain prompt instead.
-3. **Majority selection.** The ``k`` lowest per-sample-loss training samples of each
-   class ``i`` under ERM: the most typical, i.e. (in a biased set) the majority group's.
+   image (eval transform) are computed once (``selection.json``). ``class_balanced``
+   (CelebA, section 7: "We also used the class-balanced dataset for our approach")
+   restricts DBB to a random class-balanced subset of the training set (every class cut
+   to the smallest; the official loader does the same): selection, ``Psi_i``, high-loss
+   token samples and the real part of the retraining set all come from it.
+2. **Causal tokens** (Eq. 1; ``tokens/class<i>/``). One textual-inversion token
+   ``<dbb-i>`` per class, learned with the Hugging Face recipe (section 8.1) on the
+   *text-to-image* model of the generator's family (``inversion_model``: ``null`` = SD-2
+   base for SD-2 inpainting, as the official README command, or a domain model's own
+   text-to-image pipeline; both share the inpainting model's text encoder), with the
+   class name in the templates ("a photo of a {token} bird", section 4.1: "A photo of a
+   [C_landbird] bird"; ``{name}`` = ``object_word`` or the class name), then loaded into
+   the inpainting pipeline (:func:`~unspur.generate.textual_inversion.load_embedding`
+   checks the dimension). ``inversion_model: generator`` learns on the inpainting
+   pipeline itself (object masks as the region). Token samples (``token_samples``,
+   section 5.1: 20-40; Table 5: 30 best on Waterbirds): the token of class ``i'`` is
+   drawn into images of class ``i``, so it is learned from samples of ``i'`` carrying
+   the attribute ``i`` is spuriously correlated with (:func:`token_attributes`;
+   Waterbirds: waterbirds on land and landbirds on water; CelebA, section 8.2: non-blond
+   *women* and blond men): ``token_source: val_minority`` takes them from the
+   *validation* set (group labels on validation: supervision ✓; the correlated attribute
+   comes from the training group *sizes*); ``token_attributes`` overrides the rule per
+   class; ``high_loss`` (and the fallback when validation has none) takes the class's
+   highest-loss *training* samples (section 5.1's other source). ``textual_inversion:
+   false`` (ablation, Table 5's first column) uses the plain prompt.
+3. **Majority selection** (Algorithm 2, lines 5-6). The ``k`` lowest per-sample-loss
+   training samples of each class ``i`` (Table 4 gives K per class and dataset).
 4. **Masks.** The object mask of each selected image from the masker
-   (:func:`unspur.generate.maskers.build_masker`): ``text_prompt`` (GroundingDINO + SAM,
-   the paper's LangSAM) prompted with ``object_word`` or the class name, ``saliency``
-   (xGradCAM of ERM) or ``ground_truth``; ``mask_region: box`` repaints the mask's
-   bounding box instead of its silhouette (for classes that differ by shape, where the
-   silhouette would keep the old class's outline); grown by ``mask_dilation`` pixels.
-   An image without a mask is recorded (reason ``no mask``) and not inpainted.
-5. **Generation** (``store/``, a :class:`~unspur.generate.store.SyntheticStore`). Each
-   selected image of class ``i`` is inpainted inside its mask with the prompt of the
-   other class ``i'``, ``prompt_template`` = "a photo of a {token} {name}" (``{token}`` =
-   ``<dbb-i'>``, ``{name}`` = ``object_word`` or the name of class ``i'``); the original
-   pixels are pasted back outside the mask. The candidate is labelled ``i'`` and keeps
-   the parent's background (its attribute ``a`` is the parent's, recorded for
-   evaluation bookkeeping only: no DBB step reads it). With more than two classes,
-   ``i'`` cycles over the other classes (``i + 1 + j mod (n - 1)`` for copy ``j``).
-   Interrupted generation resumes; changed inputs (another ERM, tokens, settings) are
-   refused by the store.
-6. **Pruning** (Eq. 3-5). For every candidate both scores are stored:
-   ``psi`` = ERM softmax of the *original* class ``i`` on the new image, and
-   ``rho`` = Integrated Gradients of the *new* class ``i'`` summed inside the mask, with
-   the original image as the baseline (:mod:`unspur.explain.integrated_gradients`,
-   ``ig_steps``, ``ig_internal_batch_size``, batched over the generation batch). The
-   candidate is kept when ``psi < Psi_i`` (``Psi_i`` = mean softmax of class ``i`` over
-   the class-``i`` training samples: the new image no longer looks as much like class
-   ``i`` as class ``i`` usually does) **and** ``rho > P`` (``rho_threshold``: the edited
-   region supports the new class). The store's ``kept``/``reason`` are this full rule;
-   ``pruning`` chooses what the retraining uses: ``both`` (the paper), ``psi`` or
-   ``rho`` (one condition, ablation), ``none`` (no pruning, ablation).
-   ``candidates.csv`` lists every candidate with both scores, both thresholds, each
-   condition's verdict, whether it was used and why not. Note: outside the mask the new
-   image equals its baseline, so their attributions are exactly zero and, by IG's
-   completeness, ``rho`` ~ ``f_i'(new) - f_i'(original)``: ``P = 0`` asks that the edit
-   raise the new class's score.
-7. **Retraining** (Algorithm 2; stage ``dbb/retrain``). The reference model (or a fresh
-   one with ``init: scratch``) is trained on the real training set plus the used
-   candidates with ``L_train + sum_c gamma_c L_gen_c``: per batch, the mean CE of the
-   real samples, plus for each class ``c`` the mean CE of the batch's generated samples
-   of class ``c`` (for two classes, ``gamma1 L_gen1 + gamma2 L_gen2``); a term with no
-   sample in the batch is 0, never NaN (:func:`unspur.train.losses.weighted_cross_entropy`).
-   Model selection by validation worst-group accuracy (✓).
+   (:func:`unspur.generate.maskers.build_masker`): ``text_prompt`` (LangSAM:
+   GroundingDINO Swin-B + SAM ViT-H, the highest-scoring box's mask) prompted with
+   ``object_word`` or the class name, ``saliency`` (xGradCAM of ERM) or ``ground_truth``;
+   ``mask_region: box`` repaints the mask's bounding box instead (our option, for
+   classes that differ by shape); grown by ``mask_dilation`` pixels only when asked (the
+   paper grows none). An image without a mask is recorded (reason ``no mask``) and not
+   inpainted.
+5. **Generation** (Eq. 2, Algorithm 1; ``store/``, a
+   :class:`~unspur.generate.store.SyntheticStore`). Each selected image of class ``i`` is
+   inpainted inside its mask with the prompt of the other class ``i'``,
+   ``prompt_template`` = "a photo of a {token} {name}" (Algorithm 1, line 2). The
+   candidate is the inpainting model's output as it is: Eq. 2 keeps the unmasked region
+   in latent space, so there is no pixel paste-back (``paste_back: true`` pastes the
+   original pixels outside the mask, an option). It is labelled ``i'`` and keeps the
+   parent's background (its attribute ``a`` is the parent's, recorded for evaluation
+   only: no DBB step reads it). With more than two classes ``i'`` cycles over the other
+   classes (``i + 1 + j mod (n - 1)`` for copy ``j``). Interrupted generation resumes;
+   changed inputs are refused by the store.
+6. **Pruning** (Eq. 3-5, Algorithm 1 line 11). For every candidate: ``psi`` = ERM softmax
+   of the *original* class ``i`` on the new image, kept when ``psi < Psi_i``; ``Psi_i``
+   is Eq. 3, the mean softmax of class ``i`` over the class's training samples
+   (``psi_reference: class``); Algorithm 2 (lines 7-8) and the official code compute it
+   on the low-loss subset ``D_i`` instead (``psi_reference: low_loss``). ``rho`` =
+   Integrated Gradients of the *new* class ``i'`` (Eq. 4; ``ig_target: source`` explains
+   the original class, as the official ``generate.py`` does) from the original image
+   (baseline) to the candidate, summed inside the mask (Eq. 5;
+   :func:`rho_scores`), kept when ``rho > P_i'`` with one threshold per *new* class
+   (``rho_threshold: [P_1, .., P_n]``, Table 10's P1/P2 for labels 0/1). Without a
+   paper preset, ``rho_threshold: calibrate`` (the default) sets ``P_c`` from the IG
+   scores of a subset of the generated samples (section 5.1: "The threshold P was
+   determined using Integrated Gradients (IG) scores from a subset of generated
+   samples"); the paper does not give the rule, ours is the
+   ``rho_calibration_quantile`` (0.25) of ``rho`` over a random subset of
+   ``rho_calibration_samples`` (100) candidates per new class. ``pruning`` chooses what
+   retraining uses: ``both`` (the paper), ``psi`` or ``rho`` (one condition,
+   ablation), ``none`` (no pruning, Table 2's ablation). ``candidates.csv`` lists every
+   candidate with both scores, both thresholds, each condition's verdict, the paper
+   rule's verdict under this run's thresholds, whether it was used and why not (the
+   store's ``kept`` column is the generation-time verdict, before calibration).
+7. **Retraining** (Eq. 6-8, Algorithm 2 lines 12-20; stage ``dbb/retrain``). The
+   reference model (``init: reference_new_head`` re-draws its head first; ``scratch`` a
+   fresh model) is trained on the real
+   training set plus the used candidates with ``L_train + sum_c gamma_c L_gen_c``: per
+   batch, the mean CE of the real samples, plus for each class ``c`` the mean CE of the
+   batch's generated samples of class ``c`` (for two classes ``gamma1 L_gen1 + gamma2
+   L_gen2``, Table 10); a term with no sample in the batch is 0, never NaN
+   (:func:`unspur.train.losses.weighted_cross_entropy`). ``retrain_batch_size`` and
+   ``retrain_lr`` are Table 10's; the paper does not give the optimiser or the number of
+   epochs (the official ``train.py``: Adam without weight decay, 200 epochs, keeping the
+   best validation worst-group accuracy; ``retrain_optimizer``, ``retrain_weight_decay``,
+   ``retrain_epochs``; ``null`` = the run's train settings). Model selection by validation
+   worst-group accuracy (✓).
 8. **Statistics** like the paper's Table 2 (``statistics.json`` / ``.md``: per source
    class, selected, masked, generated, passing each condition, kept by the paper's rule,
-   used), a sample grid (``figures/samples.png``) and a run-report section.
+   used; the thresholds), a sample grid (``figures/samples.png``) and a run-report
+   section.
 
-Defaults and their sources. The paper's Table 4 (K per dataset) and Table 10
-(retraining hyperparameters) could not be consulted offline, so these are our choices:
-``k = 500`` per class (Waterbirds config too: about half of the minority groups' gap,
-within the smaller class); ``token_samples = 30`` (the middle of the paper's 20-40);
-``gamma = 1`` per class (each generated class's mean loss weighs as much as the real
-batch's); retraining from the ERM weights with the run's train config (``retrain_*``
-override epochs, lr and batch size); ``rho_threshold = 0`` (see above); ``ig_steps =
-32`` and Gauss-Legendre quadrature (Captum's default method). Inpainting: ``steps`` /
-``guidance_scale`` ``null`` = the domain model's own sampling settings (DDIM 25, 4.0)
-or Stable Diffusion's (50, 7.5) for a hub model; strength 1.0. Textual inversion:
-diffusers' example (lr 5e-4, batch 4, 3000 steps; CPU configs use fewer).
+Defaults. The paper's presets (Table 4's K, Table 10's batch size, learning rate,
+gamma1, gamma2, P1, P2, section 7's class balancing) are in ``configs/waterbirds_dbb.yaml``,
+``celeba_dbb.yaml`` and ``metashift_dbb.yaml``, each value commented with its source.
+The method's own defaults are for a dataset the paper has no preset for: the paper's
+procedure where it has one (``rho_threshold: calibrate``, no paste-back, Eq. 3's
+``Psi``, IG of the new class, ``ig_steps = 50`` = Captum's default that the official
+code uses, LangSAM, no dilation, 30 token samples, textual inversion as the official
+README command: 3000 steps, lr 5e-4 scaled by the batch of 4, no flips as the official
+``textual_inversion.py``) and our choices where it has none: ``k = 500`` per class
+(Table 4's counts are per dataset; section 5.3 picks "the number of samples necessary to
+achieve the balance"), ``gamma = 1`` per class (each generated class's mean loss weighs
+as much as the real batch's), retraining from the ERM weights with the run's train
+config, the calibration subset and quantile above. Inpainting: ``steps`` /
+``guidance_scale`` ``null`` = the domain model's own sampling settings (DDIM 25, 4.0) or
+Stable Diffusion's (50, 7.5, what the official ``generate.py`` uses by not setting
+them); strength 1.0.
+
+Where the official code differs from the paper (the paper is followed, the code's
+variant is an option): IG of the original class (``ig_target: source``), ``Psi`` over
+the low-loss subset (``psi_reference: low_loss``, which is also Algorithm 2's), the first
+detected box's mask (``masker_options: {box_selection: first}``), a re-drawn classifier
+head before retraining (``init: reference_new_head``; PyTorch's default initialisation,
+the code's is Xavier). The code also ranks by a batch-mean loss (every sample of a batch
+gets the same loss); we rank by per-sample loss, with no option for the code's way.
 
 Supervision: validation group labels for the token samples (``val_minority``) and for
 model selection; no training group label: ✓. Declared with
@@ -118,6 +157,9 @@ TOKEN_SOURCES = ("val_minority", "high_loss")
 PSI_REFERENCES = ("class", "low_loss")
 #: IG explains the new class ``i'`` (Eq. 4) or the source class (official generate.py).
 IG_TARGETS = ("new", "source")
+#: Retraining starts from the ERM model (section 4.3), the ERM model with a new head
+#: (official train.py), or a fresh model.
+INITS = ("reference", "reference_new_head", "scratch")
 STAGE = "dbb"
 #: Reasons recorded for pruned candidates.
 REASON_PSI = "psi >= Psi_i (the new image still looks like its original class)"
@@ -475,8 +517,8 @@ def _check_options(options: dict[str, Any], n_classes: int) -> None:
         raise ConfigError(
             f"dbb option token_source={options['token_source']!r} is not one of {TOKEN_SOURCES}"
         )
-    if options["init"] not in ("reference", "scratch"):
-        raise ConfigError(f"dbb option init={options['init']!r} is not reference|scratch")
+    if options["init"] not in INITS:
+        raise ConfigError(f"dbb option init={options['init']!r} is not one of {INITS}")
     if options["psi_reference"] not in PSI_REFERENCES:
         raise ConfigError(
             f"dbb option psi_reference={options['psi_reference']!r} is not one of {PSI_REFERENCES}"
@@ -1117,7 +1159,9 @@ class DBB(Method):
                 else options["retrain_weight_decay"]
             ),
         )
-        model = reference if options["init"] == "reference" else context.build_model()
+        model = context.build_model() if options["init"] == "scratch" else reference
+        if options["init"] == "reference_new_head":
+            model.reset_head()  # the official train.py re-draws the head before retraining
         objective = DBBObjective(is_generated, resolve_gammas(options["gamma"], table.n_classes))
         result = context.fit(
             model, f"{STAGE}/retrain", train=dataset, train_config=config, objective=objective
