@@ -161,6 +161,15 @@ def test_dfr_starts_from_the_final_erm_checkpoint_by_default(method, tmp_path):
     reference = [f"method.reference={tmp_path / 'final' / 'model'}"]
     run(load_config(None, base + reference), tmp_path / "ref")
     assert same(backbone(tmp_path / "ref" / "model"), final)
+    # A model saved elsewhere has no last epoch beside it: used as given, and recorded.
+    import shutil
+
+    shutil.copytree(tmp_path / "final" / "erm" / "best", tmp_path / "alone" / "model")
+    alone = [f"method.reference={tmp_path / 'alone' / 'model'}"]
+    run(load_config(None, base + alone), tmp_path / "given")
+    assert same(backbone(tmp_path / "given" / "model"), selected)
+    record = json.loads((tmp_path / "given" / method / "dfr.json").read_text())
+    assert record["base_model"].startswith("reference as given")
     with pytest.raises(ConfigError, match="base_model"):
         run(load_config(None, base + ["method.options.base_model=best"]), tmp_path / "bad")
 
