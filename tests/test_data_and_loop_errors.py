@@ -360,3 +360,14 @@ def test_an_empty_group_from_a_rare_label_points_at_its_row(tmp_path: Path, caps
         require_nonempty_groups(table, "val")
     code, out, err = inspect_csv(tmp_path, capsys)
     assert code == 2 and "a=2 (attr2) occurs only in img/typo.png" in one_clean_paragraph(err)
+
+
+# ------------------------------------------------------------------ where a user looks
+def test_final_epoch_selection_and_jtt_epochs_are_documented(capsys) -> None:
+    from unspur.cli import main
+
+    assert main(["methods"]) == 0
+    jtt = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("jtt"))
+    assert "train.epochs sets stage 2 only" in jtt and "N + lambda_up * |E|" in jtt
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert "`last` — final-epoch evaluation" in readme and "train.selection=last" in readme

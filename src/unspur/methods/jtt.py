@@ -193,11 +193,18 @@ class JTT(Method):
     epochs and last-epoch selection; the error set, with precision/recall against the
     true bias-conflicting samples and the pass that made it, goes to
     ``error_set.json`` in that folder; stage 2 runs in ``out_dir/jtt_final``.
+    ``train.epochs`` sets stage 2 only, and one stage-2 epoch is a pass over
+    ``N + lambda_up * |E|`` items (each error-set image ``1 + lambda_up`` times), so it
+    costs more than an ERM epoch.
     """
 
     name = "jtt"
     supervision = Supervision(train_group_labels=False, val_group_labels=True)
-    summary = "just train twice: retrain with the early ERM model's errors up-sampled"
+    summary = (
+        "just train twice: retrain with the early ERM model's errors up-sampled. "
+        "train.epochs sets stage 2 only (stage 1: identification_epochs); a stage-2 "
+        "epoch draws N + lambda_up * |E| items (N training images, E the error set)"
+    )
     defaults = {"identification_epochs": 2, "lambda_up": 50, "error_pass": "eval"}
     debug_options = {"identification_epochs": 1, "lambda_up": 5}
 
