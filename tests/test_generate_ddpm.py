@@ -433,3 +433,28 @@ def test_h_share_measures_how_far_h_alone_moves_the_prediction(trained):
     assert share.shape == (4,) and bool(torch.isfinite(share).all())
     assert bool((share > 0).all())  # this U-Net's decoder reads h, a little
     assert not unet._forward_pre_hooks and not unet.mid_block._forward_hooks
+
+
+def test_skip_dropout_makes_the_decoder_depend_on_h_alone_while_training():
+    from unspur.generate.ddpm import skip_dropout
+
+    unet = tiny_unet().eval()
+    a, b = disks(2, seed=5)
+    x = torch.stack([a, b])
+    t = torch.full((2,), 500)
+    fixed = torch.randn(2, *MID_SHAPE, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = unet(x, t).sample
+        with HSpace(unet, replace=lambda h, _: fixed[: len(h)]):
+            with skip_dropout(unet, 1.0):  # every skip dropped: only h reaches the decoder
+                same = unet(torch.stack([a, a]), t).sample, unet(torch.stack([b, b]), t).sample
+            assert torch.allclose(same[0], same[1], atol=1e-6)
+            with skip_dropout(unet, 1.0, levels=[0]):  # the lowest level only: skips remain
+                other = unet(torch.stack([a, a]), t).sample, unet(torch.stack([b, b]), t).sample
+            assert (other[0] - other[1]).abs().max() > 1e-4
+        with skip_dropout(unet, 0.0):
+            torch.testing.assert_close(unet(x, t).sample, before)
+        torch.testing.assert_close(unet(x, t).sample, before)  # hooks removed on exit
+    with pytest.raises(ConfigError):
+        with skip_dropout(unet, 1.5):
+            pass

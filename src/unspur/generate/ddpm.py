@@ -38,9 +38,10 @@ drawn in or the device.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -282,6 +283,54 @@ def ddpm_loss(
     return (weights.to(x0.device)[t] * per_image).mean()
 
 
+@contextlib.contextmanager
+def skip_dropout(unet: Any, p: float, levels: Sequence[int] | None = None) -> Iterator[None]:
+    """Training-time dropout of a U-Net's skip connections, per image.
+
+    Inside the block, every U-Net call draws one Bernoulli(``p``) per image (global torch
+    RNG) and zeroes, for the dropped images, every skip tensor that enters the decoder
+    levels ``levels`` (indices of ``unet.up_blocks``, 0 = the lowest level next to the
+    middle block; default: all). A decoder trained so must rebuild the image from the
+    bottleneck h when the skips are gone, which is meant to make h carry the content
+    (the lever of DiffInject's h-space injection; measure it with
+    :func:`~unspur.generate.hspace.h_share`). Our choice, not in the DiffInject or P2
+    papers. Outside the block (sampling, inversion) the U-Net is unchanged.
+    """
+    if not 0.0 <= p <= 1.0:
+        raise ConfigError(f"skip_dropout must be in [0, 1], got {p}")
+    blocks = list(unet.up_blocks)
+    chosen = range(len(blocks)) if levels is None else [int(i) for i in levels]
+    if any(not 0 <= i < len(blocks) for i in chosen):
+        raise ConfigError(f"skip_dropout levels must be in 0..{len(blocks) - 1}, got {levels}")
+    if p == 0:
+        yield
+        return
+    keep: dict[str, torch.Tensor] = {}
+
+    def draw(module, args, kwargs):
+        sample = kwargs["sample"] if "sample" in kwargs else args[0]
+        kept = (torch.rand(sample.shape[0]) >= p).to(device=sample.device, dtype=sample.dtype)
+        keep["mask"] = kept.view(-1, 1, 1, 1)
+
+    def drop(module, args, kwargs):
+        mask = keep["mask"]
+        if "res_hidden_states_tuple" in kwargs:
+            kwargs["res_hidden_states_tuple"] = tuple(
+                r * mask for r in kwargs["res_hidden_states_tuple"]
+            )
+        else:
+            args = (args[0], tuple(r * mask for r in args[1]), *args[2:])
+        return args, kwargs
+
+    handles = [unet.register_forward_pre_hook(draw, with_kwargs=True)]
+    handles += [blocks[i].register_forward_pre_hook(drop, with_kwargs=True) for i in chosen]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 @dataclass
 class TrainedDDPM:
     """What :func:`train_ddpm` returns: the trained U-Net, its noise schedule, the loop's
@@ -312,6 +361,8 @@ def train_ddpm(
     beta_schedule: str = "linear",
     labels: torch.Tensor | Sequence[int] | None = None,
     random_flip: bool = False,
+    skip_dropout_p: float = 0.0,
+    skip_dropout_levels: Sequence[int] | None = None,
 ) -> TrainedDDPM:
     """Train ``unet`` in place as an epsilon-prediction DDPM with P2 weighting.
 
@@ -325,6 +376,10 @@ def train_ddpm(
     Differences from the P2 code: the variance is fixed, not learned (P2 trains ADM's
     learned-sigma head with the hybrid VLB loss); DDIM, which is all DiffInject uses,
     never reads it. The P2 weight multiplies the epsilon MSE only, unnormalised.
+
+    ``skip_dropout_p`` > 0 trains with :func:`skip_dropout` on the up blocks
+    ``skip_dropout_levels`` (our choice, to make the decoder read h); the saved model is
+    a plain ``UNet2DModel``.
 
     Writes ``out_dir/checkpoint`` (resumable) and, at the end, ``out_dir/ddpm`` (the
     model in the DDPMPipeline layout, see :func:`save_ddpm`).
@@ -349,6 +404,11 @@ def train_ddpm(
         "beta_schedule": beta_schedule,
         "random_flip": random_flip,
     }
+    if skip_dropout_p:
+        settings["skip_dropout_p"] = float(skip_dropout_p)
+        settings["skip_dropout_levels"] = (
+            None if skip_dropout_levels is None else list(skip_dropout_levels)
+        )
     settings_file = out_dir / "ddpm_settings.json"
     if settings_file.exists() and (out_dir / "checkpoint" / "state.json").exists():
         before = json.loads(settings_file.read_text())
@@ -366,7 +426,8 @@ def train_ddpm(
             raise DataError("conditional training needs class labels; the data has none")
         return ddpm_loss(models["unet"], scheduler, batch["x"], weights, y, random_flip)
 
-    result = train_steps({"unet": unet}, loss_fn, dataset, config, out_dir, description="ddpm")
+    with skip_dropout(unet, float(skip_dropout_p), skip_dropout_levels):
+        result = train_steps({"unet": unet}, loss_fn, dataset, config, out_dir, description="ddpm")
     model_dir = out_dir / "ddpm"
     save_ddpm(model_dir, unet, scheduler)
     return TrainedDDPM(unet=unet, scheduler=scheduler, result=result, model_dir=model_dir)
