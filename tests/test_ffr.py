@@ -309,3 +309,50 @@ def test_bad_options_are_refused(tmp_path):
         _run(tmp_path, "ffr", "domain", "method.options.train_method=usb")
     with pytest.raises(ConfigError, match="prompt_preset"):
         _run(tmp_path, "ffr", "domain", "method.options.prompt_preset=imagenet")
+
+
+def test_ffr_table2_preset_and_the_lr_search_protocol(tmp_path, domain_model):
+    # Table 2 preset by name: UTKFace at 99.9 % (level given: the debug data is not resplit).
+    preset = ["method.options.preset=utkface", "method.options.level=0.999",
+              "method.options.pretrain={epochs: 1, batch_size: 32}",
+              "method.options.finetune={epochs: 1, batch_size: 32}"]  # fmt: skip
+    _run(tmp_path / "preset", "ffr", domain_model, *preset)
+    info = json.loads((tmp_path / "preset" / "ffr" / "budget.json").read_text())
+    stage1, stage2 = info["stage1"]["train"], info["stage2"]["train"]
+    assert (stage1["lr"], stage2["lr"]) == (1e-4, 1e-6)
+    assert stage1["weight_decay"] == stage2["weight_decay"] == 1e-5
+    assert stage2["optimizer"] == "adam" and stage2["augment"] is False
+    assert (
+        stage2["scheduler"] == "none" and stage2["sources"]["epochs"] == "method.options.finetune"
+    )
+    assert "Table 2(b)" in stage2["sources"]["lr"]
+
+    # The paper's protocol: a learning-rate grid per stage, chosen on validation WGA.
+    grid = ["method.options.lr_search=true", "method.options.lr_grid=[0.01, 0.001]",
+            "method.options.pretrain={epochs: 1}", "method.options.finetune={epochs: 1}"]  # fmt: skip
+    results = _run(tmp_path / "search", "ffr", domain_model, *grid)
+    assert results["stages"] == ["ffr/pretrain/lr_0.01", "ffr/pretrain/lr_0.001",
+                                 "ffr/finetune/lr_0.01/erm", "ffr/finetune/lr_0.001/erm"]  # fmt: skip
+    info = json.loads((tmp_path / "search" / "ffr" / "budget.json").read_text())
+    for search, key in zip(info["lr_search"], ("stage1", "stage2")):
+        trials = search["trials"]
+        assert [t["lr"] for t in trials] == [0.01, 0.001]
+        best = max(
+            trials, key=lambda t: (t["val_worst_group_accuracy"], t["val_balanced_accuracy"])
+        )
+        assert search["chosen_lr"] == best["lr"] == info[key]["train"]["lr"]
+        assert info[key]["train"]["sources"]["lr"] == "lr_search"
+
+
+def test_usb_and_none_train_with_the_papers_optimizer(tmp_path, domain_model):
+    # The run's train section (helpers.DEBUG) is SGD with augmentation; USB must not be.
+    _run(tmp_path / "usb", "usb", domain_model, "method.options.train={epochs: 1}")
+    train = json.loads((tmp_path / "usb" / "usb" / "budget.json").read_text())["train"]
+    assert (train["optimizer"], train["augment"], train["scheduler"]) == ("adam", False, "none")
+    overrides = ["method.name=ffr_none", "method.options.preset=spuco_animals",
+                 "method.options.level=0.97", "method.options.train_method=groupdro",
+                 "method.options.train={epochs: 1, batch_size: 32}"]  # fmt: skip
+    none = run(load_config(None, helpers.DEBUG + overrides), tmp_path / "none")
+    assert none["stages"] == ["ffr_none/groupdro/groupdro"]
+    record = json.loads((tmp_path / "none" / "ffr_none" / "training.json").read_text())
+    assert (record["train"]["lr"], record["train"]["weight_decay"]) == (1e-5, 1e-3)

@@ -53,10 +53,15 @@ text-to-image model on the run's training images (CPU, no weights; ``domain`` ar
 
 **Prompts.** ``prompt_template`` fills ``{class}`` and ``{bias}``; ``"auto"`` (default)
 uses a domain model's own training captions ("a photo of a {class} on {bias}": the
-only vocabulary such a model knows) and ``"A photo of {bias} {class}"`` for any other
-generator. ``class_words`` / ``bias_words`` replace a name by a word drawn per image
+only vocabulary such a model knows) and the paper's ``"A photo of {bias} {class}"``
+(section 4) for any other generator, with human-readable words per dataset
+(``prompt_words``: ``"auto"`` picks the dataset's entry of :data:`PROMPT_WORDS`, e.g.
+UTKFace "A photo of a child who is female"; our words, the paper gives only the
+template). A reader's internal name ("not Male", "child (age<=10)") never reaches a
+prompt: a template needing one is refused with a pointer to ``class_words`` /
+``bias_words``. ``class_words`` / ``bias_words`` replace a name by a word drawn per image
 from a list (a mapping from the class / attribute name, or its index, to a list).
-``prompt_preset`` loads the paper's own templates and word lists
+``prompt_preset`` loads the official code's richer templates and word lists
 (``generation_code/generate_images_*.py``):
 
 * ``utkface``: "a headshot of a human {Male|Female} {age}", age drawn from
@@ -75,16 +80,28 @@ thresholds (1.5e6 for faces, 2e5 for animals, on 512x512 Stable Diffusion images
 expressed per pixel here (``grayscale_threshold`` 5.72 and 0.76) so they hold at any
 size. The face presets switch it on.
 
-**Stage 1** (FFR): ``pretrain`` overrides the run's train config (default: Adam and no
-augmentation, the paper's; the official ``train_erm_ffr_1.py`` uses lr 1e-4, weight
-decay 1e-5, batch 128, 50 epochs, set in the configs); model selection by worst-group
-accuracy on the *real* validation set (the official ``evaluate`` on the real val
-split). **Stage 2**: ``finetune`` overrides the run's train config (official
-``train_erm_ffr_2.py`` defaults: Adam lr 1e-3, wd 1e-5; the paper tunes both by
-validation worst-group accuracy); ``freeze_bn`` keeps every batch-norm layer in eval
-mode while fine-tuning (running statistics of stage 1 used and kept; affine parameters
-still train), as the official ``--freeze_bn`` which calls ``model.eval()`` during
-training.
+**Training settings** (:mod:`unspur.methods.ffr_presets`). Every stage of every
+method here (FFR stage 1 and 2, USB, ASB, and ``ffr_none``: FFR's "None" rows, the
+training method on real data only) trains with Adam (default betas), no scheduler and no
+augmentation (``ffr.md`` section 4). ``preset`` (``celeba_hq``, ``utkface``,
+``spuco_animals``) adds the dataset's Appendix A weight decay (1e-5, 1e-5, 1e-3), the
+Table 2 learning rate of (mode, training method, stage, bias level) and the official
+scripts' batch 128 / 50 epochs (our choice: the paper gives neither); the level is
+``level`` or ``data.bias_ratio`` (0.95, 0.97, 0.99, 0.999; anything else is refused).
+``lr_search: true`` runs the paper's protocol instead: each stage is trained once per
+learning rate of ``lr_grid`` (``"paper"``: Table 2's powers of ten, 1e-2 ... 1e-7) and
+keeps the best validation worst-group accuracy; FFR searches stage 1, then stage 2 from
+the chosen stage-1 model. ``pretrain`` / ``finetune`` (FFR) and ``train`` (USB, ASB,
+``ffr_none``) override single settings last. The values used, their sources and every
+search trial are recorded in ``<run>/<name>/budget.json`` (``training.json`` for
+``ffr_none``) and in the returned history.
+
+**Stage 1** (FFR): synthetic images only; model selection by worst-group accuracy on the
+*real* validation set (the official ``evaluate`` on the real val split). **Stage 2**: the
+training method from the stage-1 weights; ``freeze_bn`` keeps every batch-norm layer in
+eval mode while fine-tuning (running statistics of stage 1 used and kept; affine
+parameters still train), as the official ``--freeze_bn`` which calls ``model.eval()``
+during training.
 
 **Groups for USB/ASB** (``source_groups``, default true, as the official
 ``train_{resample,groupdro}_{usb,asb}.py``): group-aware training methods see the groups
@@ -132,6 +149,7 @@ from unspur.errors import ConfigError, DataError
 from unspur.generate.budget import SyntheticBudget, synthetic_budget
 from unspur.generate.store import image_seed
 from unspur.io import atomic_write_json
+from unspur.methods import ffr_presets as presets
 from unspur.methods.base import Method, RunContext, Supervision, get_method, register_method
 from unspur.train.loop import FitResult
 
@@ -249,6 +267,68 @@ PROMPT_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+#: Human-readable words for the paper's template "A photo of {bias} {class}" (ffr.md
+#: section 4), per dataset, keyed by the readers' class / attribute names (the part
+#: before a parenthesis is enough: "child" for "child (age<=10)"). The words are our
+#: choice (the paper gives only the template); they exist so that a reader's internal
+#: names ("not Male", "child (age<=10)") never reach a prompt.
+PROMPT_WORDS: dict[str, dict[str, dict[str, str]]] = {
+    "utkface": {
+        "class_words": {"male": "who is male", "female": "who is female"},
+        "bias_words": {"child": "a child", "adult": "an adult"},
+    },
+    "celeba_hq": {
+        "class_words": {
+            "Smiling": "smiling",
+            "not Smiling": "with a serious face",
+            "Blond_Hair": "with blond hair",
+            "not Blond_Hair": "with non-blond hair",
+        },
+        "bias_words": {"Male": "a man", "not Male": "a woman"},
+    },
+    "spuco_animals": {
+        "class_words": {
+            "landbird": "landbird",
+            "waterbird": "waterbird",
+            "small dog": "small dog",
+            "big dog": "big dog",
+        },
+        "bias_words": {
+            "land": "a land-background",
+            "water": "a water-background",
+            "indoors": "an indoor",
+            "indoor": "an indoor",
+            "outdoors": "an outdoor",
+            "outdoor": "an outdoor",
+        },
+    },  # fmt: skip
+}
+PROMPT_WORDS["celeba"] = PROMPT_WORDS["celeba_hq"]
+PROMPT_WORDS["waterbirds"] = PROMPT_WORDS["spuco_animals"]
+
+
+def readable(name: str) -> bool:
+    """Whether a class / attribute name can go into a prompt as it is: not a reader's
+    internal name such as "not Male" or "child (age<=10)"."""
+    text = str(name).strip()
+    return bool(text) and not (
+        text.lower().startswith("not ") or any(ch in text for ch in "()<>=") or text[0].isdigit()
+    )
+
+
+def prompt_words(choice: Any, dataset: str) -> dict[str, Any]:
+    """The :data:`PROMPT_WORDS` entry of ``choice`` (``"auto"``: the dataset's, if any)."""
+    if choice is None:
+        return {}
+    if choice == "auto":
+        return PROMPT_WORDS.get(dataset, {})
+    if choice not in PROMPT_WORDS:
+        raise ConfigError(
+            f"prompt_words {choice!r} is not one of auto, {', '.join(sorted(PROMPT_WORDS))} or null"
+        )
+    return PROMPT_WORDS[choice]
+
+
 # ------------------------------------------------------------------------ filters
 def grayscale_score(image: Image.Image) -> float:
     """The official ``is_grayscale`` statistic per pixel: ``|mean_c S_c - S_R| / (H W)``."""
@@ -291,7 +371,7 @@ def _word_lists(spec: Any, names: list[str], what: str) -> list[list[str] | None
     by_name = {_norm(k): v for k, v in spec.items() if not isinstance(k, int)}
     lists: list[list[str] | None] = []
     for index, name in enumerate(names):
-        words = spec.get(index, by_name.get(_norm(name)))
+        words = spec.get(index, by_name.get(_norm(name), by_name.get(_norm(name).split(" (")[0])))
         if words is None:
             lists.append(None)
             continue
@@ -329,6 +409,17 @@ class Prompter:
         self.captions = captions
         self.class_words = _word_lists(class_words, class_names, "class_words")
         self.bias_words = _word_lists(bias_words, attr_names, "bias_words")
+        if template is not None:
+            for what, names, lists in (
+                ("class_words", class_names, self.class_words),
+                ("bias_words", attr_names, self.bias_words),
+            ):
+                raw = [n for n, w in zip(names, lists) if w is None and not readable(n)]
+                if raw:
+                    raise ConfigError(
+                        f"prompt: {raw} are internal names, not words for a prompt; give "
+                        f"method.options.{what} (a word list per name) or prompt_words"
+                    )
 
     @property
     def random(self) -> bool:
@@ -457,6 +548,91 @@ def _sub_context(context: RunContext, **changes) -> RunContext:
     return replace(context, **changes)
 
 
+# ------------------------------------------------------------ training settings
+def check_training_options(name: str, options: dict[str, Any]) -> None:
+    """Validate ``preset``, ``level``, ``lr_search`` and ``lr_grid``."""
+    preset = options["preset"]
+    if preset is not None and preset not in presets.DATASETS:
+        raise ConfigError(
+            f"{name}: preset {preset!r} is not one of {', '.join(presets.DATASETS)} "
+            "(FFR Table 2's datasets) or null"
+        )
+    if not isinstance(options["lr_search"], bool):
+        raise ConfigError(f"{name}: lr_search must be true or false")
+    presets.search_grid(options["lr_grid"])
+
+
+def stage_config(
+    context: RunContext,
+    options: dict[str, Any],
+    mode: str,
+    method: str,
+    overrides: dict[str, Any] | None,
+    what: str,
+) -> tuple[TrainConfig, dict[str, Any]]:
+    """One stage's train config and where its values come from.
+
+    Layers, later wins: the run's ``train`` section; the paper's optimiser for every
+    FFR / USB / ASB / None stage (Adam with default betas, no scheduler, no augmentation:
+    ``ffr.md`` section 4); with ``preset`` the dataset's Appendix A weight decay, Table 2
+    learning rate of ``mode`` x ``method`` at the bias level (``level``, default
+    ``data.bias_ratio``) and the official batch size / epochs; the stage's own option
+    (``pretrain``, ``finetune``, ``train``).
+    """
+    values: dict[str, Any] = dict(presets.PAPER_OPTIMIZER)
+    record: dict[str, Any] = {"optimizer": "ffr.md section 4"}
+    preset = options["preset"]
+    if preset is not None:
+        level = options["level"]
+        level = presets.level_of(context.config.data.bias_ratio if level is None else level)
+        values.update(presets.stage_train(preset, mode, method, level))
+        record = {"preset": preset, "level": level, **presets.sources(preset, mode, method, level)}
+    explicit = dict(overrides or {})
+    values.update(explicit)
+    for key in explicit:
+        record[key] = f"method.options.{what}"
+    return train_config_with(context.config.train, values, what), record
+
+
+def search_learning_rate(
+    grid: list[float],
+    base: TrainConfig,
+    train_one,
+    what: str,
+) -> tuple[nn.Module, FitResult, dict[str, Any]]:
+    """The paper's protocol (``ffr.md`` section 4, Appendix A): train once per learning
+    rate of ``grid`` (``train_one(config, tag)`` -> ``(model, result)``) and keep the one
+    with the best validation worst-group accuracy (ties: balanced accuracy, our choice).
+    Returns the chosen model, its result and the record of every trial."""
+    best = None
+    trials = []
+    for lr in grid:
+        model, result = train_one(replace(base, lr=lr), f"lr_{lr:g}")
+        val = result.best_val
+        if not val or "worst_group_accuracy" not in val:
+            raise ConfigError(
+                f"lr_search ({what}) selects on validation worst-group accuracy: the run "
+                "needs a validation split with group labels"
+            )
+        score = (float(val["worst_group_accuracy"]), float(val.get("balanced_accuracy", 0.0)))
+        trials.append(
+            {"lr": lr, "val_worst_group_accuracy": score[0], "val_balanced_accuracy": score[1]}
+        )
+        if best is None or score > best[0]:
+            best = (score, lr, model, result)
+        else:
+            del model
+    assert best is not None
+    record = {
+        "stage": what,
+        "grid": list(grid),
+        "rule": "validation worst-group accuracy (ties: balanced accuracy)",
+        "trials": trials,
+        "chosen_lr": best[1],
+    }
+    return best[2], best[3], record
+
+
 # ------------------------------------------------------------------------ methods
 class _SyntheticMethod(Method):
     """Shared implementation of ``ffr``, ``usb`` and ``asb`` (module docstring)."""
@@ -471,6 +647,7 @@ class _SyntheticMethod(Method):
         "domain": {},
         "prompt_template": "auto",
         "prompt_preset": None,
+        "prompt_words": "auto",
         "class_words": None,
         "bias_words": None,
         "steps": 25,
@@ -484,6 +661,10 @@ class _SyntheticMethod(Method):
         "generation_seed": None,
         "store": None,
         "probe": True,
+        "preset": None,
+        "level": None,
+        "lr_search": False,
+        "lr_grid": "paper",
     }
     debug_options: ClassVar[dict[str, Any]] = {
         "domain": {
@@ -536,6 +717,7 @@ class _SyntheticMethod(Method):
             isinstance(budget, bool) or not isinstance(budget, int) or budget < 1
         ):
             raise ConfigError(f"{self.name}: budget must be 'usb' or a positive integer total")
+        check_training_options(self.name, options)
         return options
 
     # -- data
@@ -581,12 +763,13 @@ class _SyntheticMethod(Method):
         template = options["prompt_template"]
         if template == "auto":
             template = None if domain is not None else DEFAULT_TEMPLATE
+        words = prompt_words(options["prompt_words"], real.name) if template else {}
         prompter = Prompter(
             list(real.class_names),
             list(real.attr_names),
             template,
-            options["class_words"],
-            options["bias_words"],
+            options["class_words"] or words.get("class_words"),
+            options["bias_words"] or words.get("bias_words"),
             domain.captions if domain is not None else None,
         )
         guidance = options["guidance_scale"]
@@ -772,21 +955,37 @@ def _digest(values: list[str]) -> str:
 class _Augment(_SyntheticMethod):
     """USB / ASB: train ``train_method`` from scratch on real + synthetic images."""
 
-    defaults = {**_SyntheticMethod.defaults, "source_groups": True}
+    defaults = {**_SyntheticMethod.defaults, "source_groups": True, "train": {}}
 
     def _train(self, context, options, merged, synthetic, directory):
         table = with_source_groups(merged) if options["source_groups"] else merged
-        model, result = self._run_train_method(
-            context,
-            options,
-            f"{self.name}/train",
-            table,
-            context.build_model,
-            context.config.train,
-            {},
-            synthetic,
+        config, sources = stage_config(
+            context, options, self.mode, options["train_method"], options["train"], "train"
         )
-        return model, result, {"source_groups": bool(options["source_groups"])}
+        stage = f"{self.name}/train"
+
+        def train_one(train_config: TrainConfig, tag: str | None = None):
+            return self._run_train_method(
+                context,
+                options,
+                f"{stage}/{tag}" if tag else stage,
+                table,
+                context.build_model,
+                train_config,
+                {},
+                synthetic,
+            )
+
+        extra: dict[str, Any] = {"source_groups": bool(options["source_groups"])}
+        if options["lr_search"]:
+            grid = presets.search_grid(options["lr_grid"])
+            model, result, extra["lr_search"] = search_learning_rate(grid, config, train_one, stage)
+            config = replace(config, lr=extra["lr_search"]["chosen_lr"])
+            sources["lr"] = "lr_search"
+        else:
+            model, result = train_one(config)
+        extra["train"] = {**_train_summary(config), "sources": sources}
+        return model, result, extra
 
 
 @register_method
@@ -820,7 +1019,7 @@ class FFR(_SyntheticMethod):
     summary = "pretrain on balanced generated images, fine-tune on real data (FFR)"
     defaults = {
         **_SyntheticMethod.defaults,
-        "pretrain": {"optimizer": "adam", "augment": False},
+        "pretrain": {},
         "finetune": {},
         "freeze_bn": False,
     }
@@ -829,21 +1028,37 @@ class FFR(_SyntheticMethod):
         from unspur.methods.mac import model_hash
 
         config = context.config
-        pretrain = train_config_with(
-            config.train, {**self.defaults["pretrain"], **(options["pretrain"] or {})}, "pretrain"
+        pretrain, pretrain_sources = stage_config(
+            context, options, "ffr", "pretrain", options["pretrain"], "pretrain"
         )
-        finetune = train_config_with(config.train, options["finetune"] or {}, "finetune")
+        finetune, finetune_sources = stage_config(
+            context, options, "ffr", options["train_method"], options["finetune"], "finetune"
+        )
         if not isinstance(options["freeze_bn"], bool):
             raise ConfigError("ffr: freeze_bn must be true or false")
+        grid = presets.search_grid(options["lr_grid"]) if options["lr_search"] else None
+        searches = []
 
         # Stage 1: synthetic images only, selected on the real validation set.
-        model = context.build_model()
-        stage1 = context.fit(
-            model,
-            f"{self.name}/pretrain",
-            train=GroupDataset(synthetic, train_transform_for(config.data, pretrain)),
-            train_config=pretrain,
-        )
+        def pretrain_one(train_config: TrainConfig, tag: str | None = None):
+            model = context.build_model()
+            result = context.fit(
+                model,
+                f"{self.name}/pretrain" + (f"/{tag}" if tag else ""),
+                train=GroupDataset(synthetic, train_transform_for(config.data, train_config)),
+                train_config=train_config,
+            )
+            return model, result
+
+        if grid is not None:
+            model, stage1, record = search_learning_rate(
+                grid, pretrain, pretrain_one, f"{self.name}/pretrain"
+            )
+            pretrain = replace(pretrain, lr=record["chosen_lr"])
+            pretrain_sources["lr"] = "lr_search"
+            searches.append(record)
+        else:
+            model, stage1 = pretrain_one(pretrain)
         state = copy.deepcopy(model.state_dict())
         weights = model_hash(model)
         freeze = options["freeze_bn"]
@@ -857,30 +1072,115 @@ class FFR(_SyntheticMethod):
 
         # Stage 2: the training method's own code, starting from the stage-1 weights.
         pretrained = f"{context.out_dir / self.name / 'pretrain' / 'best'} (sha256 {weights[:16]})"
-        model, result = self._run_train_method(
-            context,
-            options,
-            f"{self.name}/finetune",
-            context.train.table,
-            from_stage1,
-            finetune,
-            {"pretrained": pretrained},
-            synthetic,
-        )
-        extra = {
+        stage = f"{self.name}/finetune"
+
+        def finetune_one(train_config: TrainConfig, tag: str | None = None):
+            return self._run_train_method(
+                context,
+                options,
+                f"{stage}/{tag}" if tag else stage,
+                context.train.table,
+                from_stage1,
+                train_config,
+                {"pretrained": pretrained},
+                synthetic,
+            )
+
+        if grid is not None:
+            model, result, record = search_learning_rate(grid, finetune, finetune_one, stage)
+            finetune = replace(finetune, lr=record["chosen_lr"])
+            finetune_sources["lr"] = "lr_search"
+            searches.append(record)
+        else:
+            model, result = finetune_one(finetune)
+        extra: dict[str, Any] = {
             "stage1": {
                 "best_epoch": stage1.best_epoch,
                 "selection": stage1.selection,
                 "val": stage1.best_val,
                 "weights_sha256": weights,
-                "train": {k: asdict(pretrain)[k] for k in ("optimizer", "lr", "weight_decay",
-                                                           "epochs", "batch_size", "augment")},
+                "train": {**_train_summary(pretrain), "sources": pretrain_sources},
             },
             "stage2": {
                 "method": options["train_method"],
                 "freeze_bn": freeze,
-                "train": {k: asdict(finetune)[k] for k in ("optimizer", "lr", "weight_decay",
-                                                           "epochs", "batch_size", "augment")},
+                "train": {**_train_summary(finetune), "sources": finetune_sources},
             },
-        }  # fmt: skip
+        }
+        if searches:
+            extra["lr_search"] = searches
         return model, result, extra
+
+
+@register_method
+class FFRNone(Method):
+    """FFR's "None" rows: ``train_method`` on the real data only (no synthetic image),
+    trained the way FFR trains every stage: Adam, no scheduler, no augmentation (section
+    4) and, with ``preset``, Table 2's None learning rate and Appendix A's weight decay;
+    ``lr_search`` runs the paper's validation grid search instead. ``train`` overrides
+    the stage's settings. Supervision is declared ✓✓ as for ``ffr``/``usb``/``asb`` (an
+    upper bound: with ``erm`` or ``dfr_val`` the training group labels are not read)."""
+
+    name = "ffr_none"
+    supervision = Supervision(train_group_labels=True, val_group_labels=True)
+    summary = "FFR's None baseline: train_method on real data with FFR's optimiser presets"
+    defaults: ClassVar[dict[str, Any]] = {
+        "train_method": "erm",
+        "train_options": {},
+        "train": {},
+        "preset": None,
+        "level": None,
+        "lr_search": False,
+        "lr_grid": "paper",
+    }
+
+    def run(self, context: RunContext) -> tuple[nn.Module, FitResult]:
+        options = dict(context.options)
+        method = options["train_method"]
+        if method in (*SYNTHETIC_METHODS, self.name):
+            raise ConfigError(f"{self.name}: train_method cannot be {method!r}")
+        target = get_method(method)
+        train_options = options["train_options"] or {}
+        if not isinstance(train_options, dict):
+            raise ConfigError(f"{self.name}: train_options must be a mapping")
+        if method == "dfr_val" and "c_options" not in train_options:
+            train_options = {**train_options, "c_options": FFR_DFR_C_OPTIONS}
+        train_options = target.resolve_options(train_options)
+        check_training_options(self.name, options)
+        config, sources = stage_config(context, options, "none", method, options["train"], "train")
+        stage = f"{self.name}/{method}"
+
+        def train_one(train_config: TrainConfig, tag: str | None = None):
+            sub = _sub_context(
+                context,
+                config=replace(context.config, train=train_config),
+                train=GroupDataset(
+                    context.train.table, train_transform_for(context.config.data, train_config)
+                ),
+                out_dir=context.out_dir / (f"{stage}/{tag}" if tag else stage),
+                options=dict(train_options),
+            )
+            model, result = target().run(sub)
+            if hasattr(context, "stages"):
+                context.stages.extend(f"{sub.out_dir.relative_to(context.out_dir)}/{s}"
+                                      for s in sub.stages)  # fmt: skip
+            return model, result
+
+        info: dict[str, Any] = {"method": self.name, "train_method": method}
+        if options["lr_search"]:
+            grid = presets.search_grid(options["lr_grid"])
+            model, result, info["lr_search"] = search_learning_rate(grid, config, train_one, stage)
+            config = replace(config, lr=info["lr_search"]["chosen_lr"])
+            sources["lr"] = "lr_search"
+        else:
+            model, result = train_one(config)
+        info["train"] = {**_train_summary(config), "sources": sources}
+        directory = context.out_dir / self.name
+        directory.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(directory / "training.json", info)
+        return model, replace(result, history=[*result.history, {self.name: info}])
+
+
+def _train_summary(config: TrainConfig) -> dict[str, Any]:
+    keys = ("optimizer", "lr", "weight_decay", "scheduler", "epochs", "batch_size", "augment")
+    return {k: asdict(config)[k] for k in keys}
