@@ -3,12 +3,19 @@ file and the fix, no traceback (issue 21, section 3)."""
 
 from __future__ import annotations
 
+import argparse
+import ast
 import dataclasses
+import json
+import re
 import typing
+from pathlib import Path
 
+import numpy as np
 import pytest
 
-from unspur.cli import main
+import unspur
+from unspur.cli import build_parser, main
 from unspur.config import RANGES, RunConfig, load_config
 from unspur.errors import ConfigError
 
@@ -156,3 +163,173 @@ def test_bad_choices_suggest_the_choice_meant():
 def test_lr_rate_from_the_cli_gets_a_suggestion(tmp_path, capsys):
     message = fails_clearly(["run", "--set", "train.lr_rate=0.1", "--out", str(tmp_path)], capsys)
     assert "did you mean 'train.lr'?" in message
+
+
+# --- the same data flags on every command; messages name only flags that exist ---------
+
+FAST = [
+    "--set",
+    "data.image_size=16",
+    "--set",
+    "train.epochs=1",
+    "--set",
+    "train.progress=false",
+    "--set",
+    "train.augment=false",
+    "--set",
+    "model.options.widths=[4,4]",
+]
+
+
+def make_csv_data(root: Path, splits: tuple[str, ...] = ("train", "val", "test")) -> Path:
+    """A tiny ``filename,y,a,split`` dataset: 8 images per split, every group twice."""
+    from PIL import Image
+
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    rows = ["filename,y,a,split"]
+    for split in splits:
+        for i in range(8):
+            name = f"{split}{i}.png"
+            pixels = (rng.random((16, 16, 3)) * 255).astype("uint8")
+            Image.fromarray(pixels).save(root / name)
+            rows.append(f"{name},{i % 2},{(i // 2) % 2},{split}")
+    (root / "metadata.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def command_flags(command: list[str]) -> set[str]:
+    """The option strings the (sub)command ``command`` accepts."""
+    parser = build_parser()
+    for name in command:
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        parser = sub.choices[name]
+    return {flag for action in parser._actions for flag in action.option_strings}
+
+
+FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
+DATA_FLAGS = {"--dataset", "--root", "--option", "--on-bad-image"}
+DATA_COMMANDS = [["run"], ["train"], ["compare"], ["evaluate"], ["data", "inspect"]]
+
+
+@pytest.mark.parametrize("command", DATA_COMMANDS, ids=" ".join)
+def test_every_command_that_reads_data_takes_the_same_data_flags(command):
+    assert DATA_FLAGS <= command_flags(command)
+
+
+def test_run_reads_data_from_the_data_flags(tmp_path, capsys):
+    data = make_csv_data(tmp_path / "data")
+    (data / "train3.png").write_bytes(b"not an image")
+    out = tmp_path / "run"
+    argv = ["run", "--dataset", "csv", "--root", str(data), "--option", "csv=metadata.csv"]
+    assert main([*argv, "--on-bad-image", "skip", *FAST, "--out", str(out)]) == 0
+    config = json.loads((out / "results.json").read_text())["config"]["data"]
+    assert config["name"] == "csv" and config["root"] == str(data)
+    assert config["on_bad_image"] == "skip" and config["options"] == {"csv": "metadata.csv"}
+    capsys.readouterr()
+
+
+def test_every_flag_named_in_an_error_message_is_accepted_where_it_is_printed(tmp_path, capsys):
+    # Printed at run time: no data root; an image that does not decode.
+    for command, argv in [
+        (["run"], ["run", "--dataset", "csv", "--out", str(tmp_path / "r")]),
+        (["train"], ["train", "--dataset", "csv", "--out", str(tmp_path / "r")]),
+        (["compare"], ["compare", "--dataset", "csv", "--methods", "erm", "--out", str(tmp_path)]),
+        (["data", "inspect"], ["data", "inspect", "--dataset", "csv"]),
+    ]:
+        message = fails_clearly(argv, capsys)
+        assert "--root" in message
+        assert set(FLAG.findall(message)) <= command_flags(command), (command, message)
+    data = make_csv_data(tmp_path / "data")
+    (data / "train3.png").write_bytes(b"not an image")
+    message = fails_clearly(
+        ["run", "--dataset", "csv", "--root", str(data), *FAST, "--out", str(tmp_path / "r")],
+        capsys,
+    )
+    assert "train3.png" in message and "on_bad_image" in message
+    assert set(FLAG.findall(message)) <= command_flags(["run"])
+
+    # Every flag any library message names: the commands that train take it, and
+    # `evaluate` (which reads data and configs, but trains nothing) takes those it can.
+    pipeline_flags = set.intersection(
+        *(command_flags(c) for c in (["run"], ["train"], ["compare"]))
+    )
+    assert DATA_FLAGS | {"--set"} <= command_flags(["evaluate"])
+    source = Path(unspur.__file__).parent
+    for path in sorted(source.rglob("*.py")):
+        if path.name in ("cli.py", "compare.py"):
+            continue  # command-specific messages, checked above
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Raise) and node.exc is not None:
+                texts = [
+                    n.value
+                    for n in ast.walk(node.exc)
+                    if isinstance(n, ast.Constant) and isinstance(n.value, str)
+                ]
+                named = set(FLAG.findall(" ".join(texts)))
+                assert named <= pipeline_flags, f"{path.name}:{node.lineno} names {named}"
+
+
+# --- a failed run leaves nothing the user did not have ---------------------------------
+
+
+def test_a_run_that_fails_before_training_leaves_nothing(tmp_path, capsys):
+    data = make_csv_data(tmp_path / "data")
+    (data / "train3.png").write_bytes(b"not an image")  # found in the first batch
+    out = tmp_path / "new" / "deeper" / "run"
+    argv = ["run", "--dataset", "csv", "--root", str(data), *FAST]
+    fails_clearly([*argv, "--out", str(out)], capsys)
+    assert not (tmp_path / "new").exists()
+
+    mine = tmp_path / "mine"  # a folder the user made, with a file of theirs
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    fails_clearly([*argv, "--out", str(mine)], capsys)
+    fails_clearly(["run", "--dataset", "csv", "--out", str(mine)], capsys)  # no root
+    fails_clearly(["run", "--set", "method.name=jt", "--out", str(mine)], capsys)
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
+    assert (mine / "notes.txt").read_text() == "keep me"
+
+
+def test_a_failed_rerun_keeps_the_finished_run_intact(tmp_path, capsys):
+    data = make_csv_data(tmp_path / "data")
+    out = str(tmp_path / "run")
+    argv = ["run", "--dataset", "csv", "--root", str(data), *FAST, "--out", out]
+    assert main(argv) == 0
+    before = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.is_file()}
+    capsys.readouterr()
+    message = fails_clearly([*argv, "--set", "train.lr=0.5"], capsys)  # stage 'erm' differs
+    assert "stage 'erm'" in message and "new --out directory" in message
+    after = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.is_file()}
+    assert after == before
+    assert main(argv) == 0
+    assert "finished earlier with this config" in capsys.readouterr().out
+
+
+# --- missing evaluation splits ---------------------------------------------------------
+
+
+def test_only_train_rows_is_refused_before_any_work(tmp_path, capsys):
+    data = make_csv_data(tmp_path / "data", splits=("train",))
+    out = tmp_path / "run"
+    message = fails_clearly(
+        ["run", "--dataset", "csv", "--root", str(data), *FAST, "--out", str(out)], capsys
+    )
+    assert "metadata.csv" in message and "only train rows" in message
+    assert "val" in message and "test" in message
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "splits, missing", [(("train", "val"), "test"), (("train", "test"), "val")]
+)
+def test_a_missing_val_or_test_split_is_warned(tmp_path, capsys, splits, missing):
+    data = make_csv_data(tmp_path / "data", splits=splits)
+    out = tmp_path / "run"
+    assert main(["run", "--dataset", "csv", "--root", str(data), *FAST, "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    warned = [line for line in err.splitlines() if line.startswith("unspur: warning: ")]
+    assert len(warned) == 1 and f"no {missing} rows" in warned[0] and "metadata.csv" in warned[0]
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["metrics"]) == set(splits) - {"train"}
+    assert results["warnings"] and f"no {missing} rows" in results["warnings"][0]

@@ -10,9 +10,12 @@ import argparse
 import json
 import shlex
 import sys
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-from unspur.errors import UnspurError
+from unspur.errors import UnspurError, UnspurWarning
 
 
 def _print_results(results: dict) -> None:
@@ -38,6 +41,55 @@ def _reader_options(pairs: list[str]) -> dict[str, str]:
         key, value = pair.split("=", 1)
         options[key.strip()] = value
     return options
+
+
+def add_data_arguments(
+    parser: argparse.ArgumentParser,
+    *,
+    dataset_required: bool = False,
+    on_bad_image_default: str | None = None,
+) -> None:
+    """The data flags every command that reads a dataset shares (run, train, compare,
+    evaluate, data inspect), so a message that names one is right whichever printed it."""
+    group = parser.add_argument_group("data (shortcuts for the config's data section)")
+    group.add_argument(
+        "--dataset",
+        required=dataset_required,
+        default=None,
+        metavar="NAME",
+        help="dataset reader, data.name (see `unspur data list`)",
+    )
+    group.add_argument("--root", default=None, metavar="DIR", help="dataset folder, data.root")
+    group.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="reader option data.options.KEY, repeatable (e.g. --option target=Blond_Hair)",
+    )
+    default = f" (default {on_bad_image_default})" if on_bad_image_default else ""
+    group.add_argument(
+        "--on-bad-image",
+        choices=["fail", "skip"],
+        default=on_bad_image_default,
+        help="an image that cannot be decoded: stop with its path (fail) or leave it out "
+        f"(skip); data.on_bad_image{default}",
+    )
+
+
+def data_settings(args: argparse.Namespace) -> dict:
+    """The data section the data flags set (only the flags given)."""
+    settings: dict = {}
+    if args.dataset is not None:
+        settings["name"] = args.dataset
+    if args.root is not None:
+        settings["root"] = args.root
+    if args.on_bad_image is not None:
+        settings["on_bad_image"] = args.on_bad_image
+    options = _reader_options(args.option)
+    if options:
+        settings["options"] = options
+    return settings
 
 
 def cmd_data_list(args: argparse.Namespace) -> None:
@@ -113,7 +165,7 @@ def cmd_run(args: argparse.Namespace) -> None:
     from unspur.pipeline import run
     from unspur.stages import is_finished
 
-    config = load_config(_config_path(args), args.set)
+    config = load_config(_config_path(args), args.set, data=data_settings(args))
     out = Path(args.out)
     if is_finished(config, out) and not args.force:
         print(f"{out}: finished earlier with this config; nothing to train (--force re-evaluates)")
@@ -126,20 +178,14 @@ def cmd_run(args: argparse.Namespace) -> None:
         print(f"report: {write_run_report(out, results)}")
 
 
-def _compare_base(args: argparse.Namespace) -> tuple[dict, list[str]]:
-    from unspur.config import read_yaml_mapping
+def _compare_base(args: argparse.Namespace) -> dict:
+    from unspur.config import read_yaml_mapping, with_data_settings
 
     if args.config and args.dataset:
         raise UnspurError("give either --config or --dataset, not both")
     if not args.config and not args.dataset:
         raise UnspurError("compare needs a base: --config BASE.yaml or --dataset NAME")
-    base = read_yaml_mapping(args.config)
-    extra = []
-    if args.dataset:
-        extra.append(f"data.name={args.dataset}")
-    if args.root:
-        extra.append(f"data.root={args.root}")
-    return base, extra
+    return with_data_settings(read_yaml_mapping(args.config), data_settings(args))
 
 
 def _print_comparison(summary: dict) -> None:
@@ -158,13 +204,12 @@ def _print_comparison(summary: dict) -> None:
 def cmd_compare(args: argparse.Namespace) -> None:
     from unspur.compare import compare, parse_list, parse_seeds
 
-    base, extra = _compare_base(args)
     summary = compare(
-        base,
+        _compare_base(args),
         parse_list(args.methods, "--methods"),
         parse_seeds(args.seeds),
         args.out,
-        extra + args.set,
+        args.set,
         command=shlex.join(["unspur", *args.argv]),
     )
     _print_comparison(summary)
@@ -192,7 +237,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     run_dir = Path(args.run)
     config_path = Path(args.config) if args.config else run_dir / "config.yaml"
     model_dir = Path(args.model) if args.model else run_dir / "model"
-    config = load_config(config_path, args.set)
+    config = load_config(config_path, args.set, data=data_settings(args))
     prepared = prepare_data(config)
     model = load_checkpoint(model_dir)
     metrics = evaluate_model(model, prepared, config.train.eval_batch_size)
@@ -237,16 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     listing = data.add_parser("list", help="list the dataset readers and their options")
     listing.set_defaults(func=cmd_data_list)
     inspect = data.add_parser("inspect", help="print the group counts of a dataset")
-    inspect.add_argument("--dataset", required=True, help="reader name (see `unspur data list`)")
-    inspect.add_argument("--root", default=None, help="dataset root directory")
-    inspect.add_argument(
-        "--option",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="reader option, repeatable (e.g. --option target=Blond_Hair)",
-    )
-    inspect.add_argument("--on-bad-image", choices=["fail", "skip"], default="fail")
+    add_data_arguments(inspect, dataset_required=True, on_bad_image_default="fail")
     inspect.add_argument(
         "--bias-ratio",
         type=float,
@@ -265,7 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
             action="append",
             default=[],
             metavar="KEY=VALUE",
-            help="override a config value, repeatable, e.g. --set train.lr=0.001",
+            help="override a config value (a YAML value: 1e-4, [8,8], true), repeatable, "
+            "e.g. --set train.lr=1e-3; applied after the config file and the data flags",
         )
 
     for name, report, text in (
@@ -275,6 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=text, description=text)
         sub.add_argument("config_file", nargs="?", metavar="CONFIG", help="YAML config")
         sub.add_argument("--config", default=None, help="YAML config (defaults when omitted)")
+        add_data_arguments(sub)
         add_set(sub)
         sub.add_argument("--out", required=True, help="run directory")
         sub.add_argument(
@@ -289,8 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="several methods x seeds on one dataset: table (mean ± std) and HTML report",
     )
     compare.add_argument("--config", default=None, help="base YAML config")
-    compare.add_argument("--dataset", default=None, help="dataset name (instead of --config)")
-    compare.add_argument("--root", default=None, help="dataset root (with --dataset)")
+    add_data_arguments(compare)
     compare.add_argument("--methods", required=True, help="comma-separated, e.g. erm,jtt,dfr_val")
     compare.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
     compare.add_argument(
@@ -311,6 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--run", required=True, help="run directory from `unspur run`")
     evaluate.add_argument("--model", default=None, help="model directory (default RUN/model)")
     evaluate.add_argument("--config", default=None, help="config (default RUN/config.yaml)")
+    add_data_arguments(evaluate)
     evaluate.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     evaluate.add_argument("--json", default=None, help="also write the metrics to this file")
     evaluate.set_defaults(func=cmd_evaluate)
@@ -337,12 +375,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextmanager
+def _warnings_as_lines() -> Iterator[None]:
+    """Show each :class:`UnspurWarning` as one ``unspur: warning: ...`` line on stderr
+    (no source location: it is about the user's data or config, not our code)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", UnspurWarning)
+        original = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            if issubclass(category, UnspurWarning):
+                print(f"unspur: warning: {message}", file=sys.stderr, flush=True)
+            else:
+                original(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = show
+        yield
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     args.argv = argv
     try:
-        args.func(args)
+        with _warnings_as_lines():
+            args.func(args)
     except UnspurError as exc:
         print(f"unspur: error: {exc}", file=sys.stderr)
         return 2

@@ -77,10 +77,6 @@ class TrainConfig:
     # (os.sched_getaffinity), never more than torch already uses (OMP_NUM_THREADS).
     # Our choice: on a shared machine set 1-2; one thread per core oversubscribes.
     threads: int | None = None
-    # torch CPU threads (torch.set_num_threads). None: the cores this process may use
-    # (os.sched_getaffinity), never more than torch already uses (OMP_NUM_THREADS).
-    # Our choice: on a shared machine set 1-2; one thread per core oversubscribes.
-    threads: int | None = None
 
 
 @dataclass
@@ -431,9 +427,36 @@ def read_yaml_mapping(path: str | Path | None) -> dict[str, Any]:
     return loaded or {}
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """Read a YAML config (or the defaults when ``path`` is None) and apply ``--set``s."""
-    values = apply_overrides(read_yaml_mapping(path), overrides or [])
+def with_data_settings(values: dict[str, Any], data: dict[str, Any] | None) -> dict[str, Any]:
+    """``values`` with ``data`` set in its data section (the CLI's ``--dataset``, ``--root``,
+    ``--option``, ``--on-bad-image``).
+
+    Options merge key by key; a dataset name other than the config's drops the config's
+    reader options, which belong to the other reader.
+    """
+    if not data:
+        return values
+    section = dict(values.get("data") or {})
+    data = dict(data)
+    options = data.pop("options", None) or {}
+    if "name" in data and data["name"] != section.get("name", DataConfig.name):
+        section.pop("options", None)
+    section.update(data)
+    if options:
+        section["options"] = {**(section.get("options") or {}), **options}
+    return {**values, "data": section}
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    *,
+    data: dict[str, Any] | None = None,
+) -> RunConfig:
+    """Read a YAML config (or the defaults when ``path`` is None), set ``data`` in its
+    data section (:func:`with_data_settings`), then apply the ``--set`` overrides."""
+    values = with_data_settings(read_yaml_mapping(path), data)
+    values = apply_overrides(values, overrides or [])
     try:
         return config_from_dict(values)
     except ConfigError as exc:

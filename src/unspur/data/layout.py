@@ -36,7 +36,7 @@ def require_root(root: Path | None, dataset: str) -> Path:
     if root is None:
         raise ConfigError(
             f"dataset {dataset!r} reads local files: pass the folder that holds them "
-            "(e.g. --data-root /path/to/data)"
+            "(--root DIR on the command line, or data.root in the config)"
         )
     root = Path(root)
     if not root.exists():
