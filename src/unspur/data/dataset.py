@@ -78,14 +78,17 @@ class GroupDataset(GroupItems, Dataset):
         return len(self.filenames)
 
     def raw(self, index: int) -> Image.Image:
-        return self.table.store.open(self.filenames[index]).convert("RGB")
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int, int]:
+        """The image of item ``index``; a missing or broken file raises :class:`ItemError`
+        (also inside the datasets of generators that wrap this one in a DataLoader)."""
         try:
-            image = self.raw(index)
+            return self.table.store.open(self.filenames[index]).convert("RGB")
+        except ItemError:
+            raise
         except DataError as exc:
             raise ItemError(str(exc)) from exc
-        x = self.transform(image)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int, int]:
+        x = self.transform(self.raw(index))
         return x, int(self.y[index]), int(self.g[index]), index
 
 
