@@ -566,3 +566,23 @@ def test_inversion_model_is_the_generators_text_to_image_family(tmp_path):
     templates = inversion_templates(options, "bird")
     assert templates[0] == "a photo of a {} bird"  # section 4.1: "A photo of a [C] bird"
     assert all(t.endswith("{} bird") for t in templates)
+
+
+def test_inversion_model_of_a_domain_model_is_its_text_to_image_pipeline(tmp_path):
+    """A domain model's text-to-image and inpainting pipelines share one text encoder
+    (the same object is saved in both), so its tokens are learned on the former."""
+    from types import SimpleNamespace
+
+    from unspur.generate.domain import DOMAIN_FILE
+    from unspur.methods.dbb import DBB, inversion_templates, inversion_weights
+
+    folder = tmp_path / "domain_model"
+    for task in ("text2image", "inpaint"):
+        (folder / task).mkdir(parents=True)
+        (folder / task / "model_index.json").write_text("{}")
+    (folder / DOMAIN_FILE).write_text(json.dumps({"class_names": ["circle", "cross"]}))
+    options = {**DBB.defaults, "generator": str(folder)}
+    context = SimpleNamespace(out_dir=tmp_path)
+    assert inversion_weights(options, context) == str(folder / "text2image")
+    # A domain model knows only its captions' words: one template, the class name after.
+    assert inversion_templates(options, "circle") == ["a photo of a {} circle"]

@@ -1421,17 +1421,17 @@ def inversion_weights(options: dict[str, Any], context: RunContext) -> str:
     checkpoints); ``"generator"`` = the inpainting pipeline itself (object masks as the
     inpainting region); anything else = a hub id or local directory of a text-to-image
     pipeline with the generator's text encoder."""
-    from unspur.generate.engine import pipeline_weights
+    from unspur.generate.engine import DOMAIN, pipeline_weights
 
     chosen = options["inversion_model"]
     if chosen is not None:
         return str(chosen)
     spec = str(options["generator"])
     if _is_domain(spec):
+        table = context.train.table if spec == DOMAIN else None  # "domain" trains it first
         return pipeline_weights(
-            spec, "text2image", table=context.train.table, run_dir=context.out_dir,
-            domain=options["domain"],
-        )  # fmt: skip
+            spec, "text2image", table=table, run_dir=context.out_dir, domain=options["domain"]
+        )
     if spec in TEXT2IMAGE_OF:
         return TEXT2IMAGE_OF[spec]
     raise ConfigError(
