@@ -150,15 +150,17 @@ def test_corrupt_trainer_checkpoint_says_which_file_and_how_to_restart(tmp_path:
     def pickled(path: Path) -> None:
         torch.save({"epoch": Evil()}, path)
 
-    for corrupt in (
-        lambda path: path.write_bytes(b"not a checkpoint at all"),  # UnpicklingError
-        lambda path: path.write_bytes(good[: len(good) // 2]),  # truncated zip
-        pickled,  # arbitrary objects: refused by weights_only=True, never executed
+    for corrupt, reason in (
+        (lambda path: path.write_bytes(b"not a checkpoint at all"), "not a tensor-only"),
+        (lambda path: path.write_bytes(good[: len(good) // 2]), "truncated or corrupt"),
+        # Arbitrary objects: refused by weights_only=True, never executed.
+        (pickled, "torch.load(weights_only=True) refused it"),
     ):
         corrupt(trainer)
         assert main([*args, "--force"]) == 2
         message = one_clean_paragraph(capsys.readouterr().err)
-        assert f"cannot resume from {trainer}" in message
+        assert f"cannot resume from {trainer}" in message and reason in message
+        assert "weights_only` set to `False" not in message
         assert f"delete {trainer.parent}" in message and "stage 'erm'" in message
         assert not (tmp_path / "pwned").exists()
     # The advice works: without that folder the stage trains again from its first epoch.
@@ -371,3 +373,22 @@ def test_final_epoch_selection_and_jtt_epochs_are_documented(capsys) -> None:
     assert "train.epochs sets stage 2 only" in jtt and "N + lambda_up * |E|" in jtt
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     assert "`last` — final-epoch evaluation" in readme and "train.selection=last" in readme
+
+
+def test_damaged_selected_model_says_how_to_retrain_the_stage(tmp_path: Path) -> None:
+    from unspur.config import TrainConfig
+    from unspur.data.dataset import GroupDataset
+    from unspur.data.transforms import eval_transform
+    from unspur.errors import CheckpointError
+    from unspur.models.factory import build_model
+    from unspur.train.loop import fit
+
+    write_csv(tmp_path / "data", FOUR_GROUPS)
+    table = load_dataset("csv", tmp_path / "data")
+    train = GroupDataset(table.split("train"), eval_transform(8, 1.0))
+    config = TrainConfig(epochs=1, batch_size=4, threads=1, progress=False)
+    stage = tmp_path / "stage"
+    fit(build_model("small_cnn", 2, widths=[4, 4]), train, None, config, stage)
+    (stage / "best" / "model.safetensors").write_bytes(b"broken")
+    with pytest.raises(CheckpointError, match=rf"stage 'train'.*Delete {stage} to train"):
+        fit(build_model("small_cnn", 2, widths=[4, 4]), train, None, config, stage)

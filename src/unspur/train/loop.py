@@ -335,7 +335,13 @@ def fit(
 
     curves.close()
     unwrapped = accelerator.unwrap_model(model)
-    load_weights(unwrapped, out_dir / "best")
+    try:
+        load_weights(unwrapped, out_dir / "best")
+    except CheckpointError as exc:
+        raise CheckpointError(
+            f"cannot load the selected model of stage {description!r}: {exc}. Delete "
+            f"{out_dir} to train that stage again, or use a new --out directory"
+        ) from None
     best_val = next((h.get("val") for h in history if h["epoch"] == best_epoch), None)
     seconds = earlier + time.perf_counter() - invoked
     if accelerator.is_main_process:
@@ -464,6 +470,17 @@ def _save_best(accelerator, model: nn.Module, out_dir: Path, extra: dict[str, An
     accelerator.wait_for_everyone()
 
 
+def _load_failure(exc: BaseException) -> str:
+    """Why ``torch.load(weights_only=True)`` failed, without torch's advice to retry
+    with ``weights_only=False`` (that would run whatever code the file holds)."""
+    if isinstance(exc, pickle.UnpicklingError):
+        return "not a tensor-only PyTorch file: torch.load(weights_only=True) refused it"
+    if isinstance(exc, (RuntimeError, zipfile.BadZipFile, EOFError)):
+        return "truncated or corrupt archive"
+    first = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {first[0][:200]}" if first else type(exc).__name__
+
+
 class _TrainerState:
     """Model, optimizer, scheduler and objective state after an epoch, saved atomically."""
 
@@ -530,10 +547,9 @@ class _TrainerState:
             TypeError,
             IndexError,
         ) as exc:
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise CheckpointError(
                 f"cannot resume from {trainer}: the file is damaged or not an unspur trainer "
-                f"checkpoint ({type(exc).__name__}: {reason[:200]}). {self._restart_hint()}"
+                f"checkpoint ({_load_failure(exc)}). {self._restart_hint()}"
             ) from None
         needed = ("epoch", "best_score", "best_epoch", "optimizer", "objective", "history")
         if not isinstance(state, dict) or any(key not in state for key in needed):
