@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import json
+import re
 import shutil
 import subprocess
 import zlib
-from html import escape
+from html import escape, unescape
 from pathlib import Path
 
 import helpers
@@ -33,8 +35,9 @@ needs_chromium = pytest.mark.skipif(
 
 
 def dump_dom(page: Path, tmp_path: Path) -> str:
-    """The DOM headless Chromium builds from ``page`` (no network, throwaway profile)."""
-    profile = tmp_path / "chromium-profile"
+    """The DOM headless Chromium builds from ``page`` at 1280 px wide (no network,
+    throwaway profile)."""
+    profile = tmp_path / f"chromium-profile-{page.stem}"
     result = subprocess.run(
         [
             CHROMIUM,
@@ -47,6 +50,7 @@ def dump_dom(page: Path, tmp_path: Path) -> str:
             "--disable-component-update",
             "--disable-sync",
             f"--user-data-dir={profile}",
+            "--window-size=1280,2000",
             "--dump-dom",
             page.resolve().as_uri(),
         ],
@@ -57,6 +61,90 @@ def dump_dom(page: Path, tmp_path: Path) -> str:
     assert result.returncode == 0, result.stderr[-2000:]
     assert "<body" in result.stdout, result.stderr[-2000:]
     return result.stdout
+
+
+#: Run in the page by Chromium: measures every label and writes the verdict into the DOM
+#: (``<body data-layout="JSON">``), which ``--dump-dom`` hands back. Problems found:
+#: SVG text boxes that overlap each other, a bar, or an error whisker; SVG text that
+#: leaves its chart; HTML text cut by its box (scrollWidth > clientWidth) or running
+#: past the page's right edge. ``labels`` is the text every SVG <text> shows.
+LAYOUT_SCRIPT = """
+<script>
+(function () {
+  const problems = [];
+  const tol = 0.5;
+  const box = (e) => e.getBoundingClientRect();
+  const hit = (a, b) => a.left < b.right - tol && b.left < a.right - tol &&
+                        a.top < b.bottom - tol && b.top < a.bottom - tol;
+  const shown = (t) => [...t.childNodes].filter((n) => n.nodeName !== 'title')
+                                        .map((n) => n.textContent).join(' ').trim();
+  const labels = [];
+  document.querySelectorAll('svg').forEach((svg, k) => {
+    const frame = box(svg);
+    const texts = [...svg.querySelectorAll('text')].filter((t) => shown(t));
+    const boxes = texts.map(box);
+    const solids = [...svg.querySelectorAll('rect, line.whisker')].filter((r) =>
+      r.classList.contains('whisker') ||
+      (!r.classList.contains('band') && r.getAttribute('fill') !== 'none'));
+    texts.forEach((t, i) => {
+      const a = boxes[i], name = shown(t);
+      labels.push(name);
+      if (a.left < frame.left - tol || a.right > frame.right + tol ||
+          a.top < frame.top - tol || a.bottom > frame.bottom + tol) {
+        problems.push(`svg ${k}: text "${name}" leaves the chart`);
+      }
+      for (let j = i + 1; j < texts.length; j++) {
+        if (hit(a, boxes[j])) {
+          problems.push(`svg ${k}: "${name}" overlaps "${shown(texts[j])}"`);
+        }
+      }
+      solids.forEach((r) => {
+        if (hit(a, box(r))) {
+          problems.push(`svg ${k}: "${name}" overlaps a ${r.getAttribute('class') || 'rect'}`);
+        }
+      });
+    });
+  });
+  const right = document.body.getBoundingClientRect().right;
+  document.body.querySelectorAll('*').forEach((e) => {
+    const style = getComputedStyle(e);
+    const tag = e.tagName.toLowerCase();
+    if (e.closest('svg') || tag === 'script' || style.display === 'none') return;
+    if (style.display !== 'inline' && e.scrollWidth > e.clientWidth + 1 &&
+        style.overflowX !== 'auto' && style.overflowX !== 'scroll') {
+      problems.push(`<${tag}> "${e.textContent.slice(0, 60)}" is cut`);
+    }
+    if (box(e).right > right + 1) {
+      problems.push(`<${tag}> "${e.textContent.slice(0, 60)}" runs past the page`);
+    }
+  });
+  document.body.dataset.layout = JSON.stringify({
+    problems: problems, labels: labels, width: window.innerWidth,
+    svgs: [...document.querySelectorAll('svg')].map((s) => box(s).width),
+  });
+})();
+</script>
+"""
+
+
+def layout(page: Path, tmp_path: Path) -> dict:
+    """Chromium's measurements of ``page`` at 1280 px (see :data:`LAYOUT_SCRIPT`)."""
+    probe = tmp_path / f"probe-{page.parent.name}-{page.name}"
+    probe.write_text(page.read_text().replace("</body>", LAYOUT_SCRIPT + "</body>"))
+    dom = dump_dom(probe, tmp_path)
+    found = re.search(r'<body[^>]*data-layout="([^"]*)"', dom)
+    assert found, "the layout script did not run: " + dom[:500]
+    verdict = json.loads(unescape(found.group(1)))
+    assert verdict["width"] == 1280
+    return verdict
+
+
+def assert_readable(verdict: dict, names: list[str]) -> None:
+    """No overlap, nothing cut, and every name shown in full by some SVG label."""
+    assert verdict["problems"] == [], "\n".join(verdict["problems"][:40])
+    squashed = {label.replace(" ", "") for label in verdict["labels"]}
+    missing = [n for n in names if n.replace(" ", "") not in squashed]
+    assert not missing, f"not shown in full by any chart label: {missing}"
 
 
 def tiny_png() -> bytes:
@@ -177,3 +265,114 @@ def test_section_hook(tmp_path):
         assert "<p>masks: 3</p>" in render_run_report(tmp_path, evil_results())
     finally:
         SECTION_PROVIDERS.remove(extra)
+
+
+# ------------------------------------------------------------ read by a person
+LONG_NAMES = [
+    "male / child (age 10 or less)",
+    "male / adult (age 20 or more), photographed outdoors in daylight",
+    "female / child (age 10 or less)",
+    "female / Supercalifragilisticexpialidocious_attribute_name_without_any_space",
+]
+
+
+def stress_summary() -> dict:
+    """A comparison with long group names, close values (100/98/95%) and std whiskers."""
+    methods = ["erm", "groupdro", "jtt", "dfr_val", "clustered_dreambooth"]
+    close = [1.0, 0.98, 0.95, 0.999, 0.0]
+    aggregate = {
+        m: {
+            k: {"mean": close[(i + j) % len(close)], "std": 0.04 * (i + 1)}
+            for j, k in enumerate(("worst_group_accuracy", "average_accuracy", "balanced_accuracy"))
+        }
+        for i, m in enumerate(methods)
+    }
+    return {
+        "dataset": "utkface",
+        "seeds": [0, 1, 2],
+        "table": [{"method": m, "supervision": "✓", "seeds": 3} for m in methods],
+        "aggregate": aggregate,
+        "groups": {m: [close[(i + g) % 5] for g in range(4)] for i, m in enumerate(methods)},
+        "group_names": LONG_NAMES,
+        "group_counts": [
+            {"g": g, "y": n.split(" / ")[0], "a": n.split(" / ")[1], "train": 10**g, "test": 7}
+            for g, n in enumerate(LONG_NAMES)
+        ],
+        "definitions": DEFINITIONS,
+        "runs": [
+            {
+                "method": m,
+                "seed": 0,
+                "supervision": "✓",
+                "run_dir": f"cmp/{m}/seed0",
+                **{k: 100.0 for k in ("worst_group_accuracy", "average_accuracy")},
+                **{k: 99.5 for k in ("balanced_accuracy", "accuracy")},
+            }
+            for m in methods
+        ],
+        "command": "unspur compare --dataset utkface --methods " + ",".join(methods),
+    }
+
+
+def long_name_results() -> dict:
+    """A run (no ERM reference) of a method trained from scratch, with long group names."""
+    results = evil_results()
+    results["method"], results["dataset"] = "groupdro", "utkface"
+    metrics = results["metrics"]["test"]
+    for group, name in zip(metrics["groups"], LONG_NAMES):
+        group["name"] = name
+    for record, name in zip(results["data"]["group_counts"], LONG_NAMES):
+        record["y"], record["a"] = name.split(" / ")
+    return results
+
+
+@needs_chromium
+def test_run_report_reads_well_at_1280(run_dir, tmp_path):
+    """The real DFR run (before/after bars, curves, DFR's fit): no overlap, nothing cut."""
+    verdict = layout(run_dir / "report.html", tmp_path)
+    results = json.loads((run_dir / "results.json").read_text())
+    names = [g["name"] for g in results["metrics"]["test"]["groups"]]
+    assert_readable(verdict, names)
+    assert max(verdict["svgs"]) >= 1000  # charts use the page's width
+
+
+@needs_chromium
+def test_compare_report_reads_well_at_1280(tmp_path):
+    from unspur.report import write_compare_report
+
+    page = write_compare_report(tmp_path, stress_summary())
+    assert_readable(layout(page, tmp_path), LONG_NAMES)
+
+
+@needs_chromium
+def test_long_group_names_read_well_at_1280(tmp_path):
+    page = write_run_report(tmp_path, long_name_results())
+    assert_readable(layout(page, tmp_path), LONG_NAMES)
+
+
+def test_last_layer_run_says_what_was_trained(run_dir):
+    html = (run_dir / "report.html").read_text()
+    fit = json.loads((run_dir / "dfr_val" / "dfr.json").read_text())
+    assert "No training history" not in html and "(epoch 0)" not in html
+    assert "dfr_val: last-layer fit (DFR)" in html
+    assert f"C = {fit['C']}, chosen by validation worst-group accuracy" in html
+    assert "Only the last layer was trained" in html
+
+
+def test_group_method_shows_erm_from_its_comparison(tmp_path):
+    """GroupDRO in a comparison: the ERM run of the same seed is its "before"."""
+    results = long_name_results()
+    results["config"] = {"data": {"name": "utkface"}}
+    erm = {**results, "method": "erm", "metrics": copy.deepcopy(results["metrics"])}
+    erm["metrics"]["test"]["groups"][0]["accuracy"] = 0.123456
+    for name, record in (("erm", erm), ("groupdro", results)):
+        (tmp_path / name / "seed0").mkdir(parents=True)
+        (tmp_path / name / "seed0" / "results.json").write_text(json.dumps(record))
+    html = render_run_report(tmp_path / "groupdro" / "seed0", results)
+    assert "before (ERM)" in html and "12.35%" in html and "No ERM" not in html
+    # Another data config is no before/after pair: the report says how to get one.
+    erm["config"] = {"data": {"name": "celeba"}}
+    (tmp_path / "erm" / "seed0" / "results.json").write_text(json.dumps(erm))
+    html = render_run_report(tmp_path / "groupdro" / "seed0", results)
+    assert "before (ERM)" not in html
+    assert 'No ERM "before" bars' in html and "--methods erm,groupdro" in html

@@ -29,15 +29,11 @@ from pathlib import Path
 from typing import Any
 
 from unspur.io import atomic_write_text
-from unspur.report.svg import bar_chart, line_chart, percent
+from unspur.report.before import find_reference, how_to_get_before
+from unspur.report.svg import bar_chart, percent
+from unspur.report.training import LABELS, training_section
 
 HEADLINE = ("worst_group_accuracy", "average_accuracy", "balanced_accuracy", "accuracy")
-LABELS = {
-    "worst_group_accuracy": "worst-group",
-    "average_accuracy": "average",
-    "balanced_accuracy": "balanced",
-    "accuracy": "accuracy",
-}
 SUPERVISION = (
     "Supervision (as in the papers' tables): x no group labels; ✓ validation group labels "
     "(model selection or, for DFR, fitting); ✓✓ training group labels."
@@ -46,16 +42,22 @@ SUPERVISION = (
 STYLE = """
 body { font-family: system-ui, -apple-system, Segoe UI, sans-serif; margin: 2em auto;
        max-width: 1100px; color: #222; padding: 0 1em; }
-h1 { font-size: 1.6em; } h2 { font-size: 1.25em; border-bottom: 1px solid #ccc;
-     margin-top: 1.8em; } h3 { font-size: 1.05em; }
-table { border-collapse: collapse; margin: 0.6em 0; }
-th, td { border: 1px solid #ccc; padding: 3px 8px; text-align: right; }
-th { background: #f3f3f3; } td.l, th.l { text-align: left; }
-.charts { display: flex; flex-wrap: wrap; gap: 1em; }
-.chart { background: #fff; font-family: inherit; }
-pre { background: #f6f6f6; padding: 0.6em; overflow-x: auto; font-size: 0.85em; }
+h1 { font-size: 1.6em; overflow-wrap: anywhere; }
+h2 { font-size: 1.25em; border-bottom: 1px solid #ccc; margin-top: 1.8em; }
+h3 { font-size: 1.05em; overflow-wrap: anywhere; }
+p, dd, li, figcaption { overflow-wrap: anywhere; }
+table { border-collapse: collapse; margin: 0.6em 0; max-width: 100%; }
+th, td { border: 1px solid #ccc; padding: 3px 8px; text-align: right; white-space: nowrap; }
+th { background: #f3f3f3; }
+td.l, th.l { text-align: left; white-space: normal; overflow-wrap: break-word; }
+.charts { display: flex; flex-wrap: wrap; gap: 16px; }
+.chart { display: block; max-width: 100%; height: auto; background: #fff;
+         font-family: inherit; margin: 0.6em 0; }
+pre { background: #f6f6f6; padding: 0.6em; font-size: 0.85em; white-space: pre-wrap;
+      overflow-wrap: anywhere; }
+code { overflow-wrap: anywhere; }
 .note { color: #555; font-size: 0.9em; }
-figure { display: inline-block; margin: 0.5em; } img { max-width: 100%; }
+figure { display: inline-block; margin: 0.5em; max-width: 100%; } img { max-width: 100%; }
 figcaption { font-size: 0.85em; color: #555; }
 """
 
@@ -135,15 +137,42 @@ def _page(title: str, body: list[str]) -> str:
     )
 
 
+def breakable(text: str, longest: int = 24) -> str:
+    """``text`` escaped, with line-break opportunities (``<wbr>``) inside long words.
+
+    A word (no spaces) longer than ``longest`` characters may break after ``/ _ . -``,
+    and every ``longest`` characters where it has none of them, so a long file path or
+    group name wraps inside its table cell instead of widening the table past the page.
+    Shorter words never break.
+    """
+    out = []
+    for word in text.split(" "):
+        if len(word) <= longest:
+            out.append(escape(word))
+            continue
+        pieces, run = [], 0
+        for ch in word:
+            pieces.append(escape(ch))
+            run += 1
+            if ch in "/_.-" or run >= longest:
+                pieces.append("<wbr>")
+                run = 0
+        out.append("".join(pieces))
+    return " ".join(out)
+
+
 def _table(header: list[str], rows: list[list[Any]], left: int = 1) -> str:
-    """A table; the first ``left`` columns are left-aligned. Every cell is escaped."""
+    """A table; the first ``left`` columns are left-aligned (and may wrap long words).
+
+    Every cell is escaped.
+    """
     head = "".join(
         f'<th class="{"l" if i < left else ""}">{escape(str(h))}</th>' for i, h in enumerate(header)
     )
     body = []
     for row in rows:
         cells = "".join(
-            f'<td class="{"l" if i < left else ""}">{escape(str(c))}</td>'
+            f'<td class="l">{breakable(str(c))}</td>' if i < left else f"<td>{escape(str(c))}</td>"
             for i, c in enumerate(row)
         )
         body.append(f"<tr>{cells}</tr>")
@@ -178,51 +207,6 @@ def _count(value: float | None) -> str:
     return "-" if value is None else f"{value:.0f}"
 
 
-def _stage_curves(run_dir: Path, stages: list[str]) -> list[str]:
-    """Loss and accuracy curves of every stage's ``history.json``."""
-    out = []
-    for stage in stages:
-        history = _read_json(run_dir / stage / "history.json")
-        if not history:
-            continue
-        epochs = [float(h.get("epoch", i + 1)) for i, h in enumerate(history)]
-        loss = [("train loss", list(zip(epochs, [h.get("train_loss") for h in history])))]
-        accuracy = [("train acc", list(zip(epochs, [h.get("train_accuracy") for h in history])))]
-        if any("val" in h for h in history):
-            for key in ("accuracy", "worst_group_accuracy"):
-                values = [(h.get("val") or {}).get(key) for h in history]
-                accuracy.append((f"val {LABELS[key]}", list(zip(epochs, values))))
-        seconds = sum(float(h.get("seconds", 0.0)) for h in history)
-        out.append(f"<h3>{escape(stage)}</h3>")
-        out.append(
-            f"<p class='note'>{len(history)} epoch(s), {seconds:.1f} s of training "
-            f"(from {escape(stage)}/history.json)</p>"
-        )
-        out.append('<div class="charts">')
-        out.append(line_chart(loss, title=f"{stage}: training loss"))
-        out.append(
-            line_chart(
-                accuracy, title=f"{stage}: accuracy", y_range=(0.0, 1.0), fmt=lambda v: percent(v)
-            )
-        )
-        out.append("</div>")
-    return out or ["<p>No training history in this run directory.</p>"]
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def _stages(run_dir: Path, results: dict[str, Any]) -> list[str]:
-    stages = results.get("stages")
-    if stages:
-        return list(stages)
-    return sorted(p.parent.name for p in run_dir.glob("*/history.json"))
-
-
 def _headline_rows(entries: list[tuple[str, dict[str, Any]]]) -> list[list[str]]:
     rows = []
     for label, metrics in entries:
@@ -232,11 +216,14 @@ def _headline_rows(entries: list[tuple[str, dict[str, Any]]]) -> list[list[str]]
 
 
 def _per_group(split: str, after: dict[str, Any], before: dict[str, Any] | None) -> list[str]:
+    """Bars and table of one split's per-group accuracy, ERM ("before") first when given."""
     groups = after["groups"]
-    names = [g["name"] for g in groups]
+    names = [str(g["name"]) for g in groups]
+    before_by_name = {str(g["name"]): g for g in (before or {}).get("groups", [])}
+    previous = [(before_by_name.get(n) or {}).get("accuracy") for n in names]
     series = []
     if before is not None:
-        series.append(("before (ERM)", [g["accuracy"] for g in before["groups"]]))
+        series.append(("before (ERM)", previous))
     series.append(("after" if before is not None else "accuracy", [g["accuracy"] for g in groups]))
     chart = bar_chart(names, series, title=f"{split}: accuracy per group")
     header = ["group", "n", "correct", "accuracy"]
@@ -244,13 +231,22 @@ def _per_group(split: str, after: dict[str, Any], before: dict[str, Any] | None)
     for i, g in enumerate(groups):
         row = [g["name"], g["n"], g["correct"], percent(g["accuracy"])]
         if before is not None:
-            row.append(percent(before["groups"][i]["accuracy"]))
+            row.append(percent(previous[i]))
         rows.append(row)
     if before is not None:
         header.append("before (ERM)")
     worst = groups[after["worst_group"]]["name"] if "worst_group" in after else ""
     note = f"<p class='note'>worst group: {escape(str(worst))}</p>" if worst else ""
     return [f"<h3>{escape(split)}</h3>", chart, _table(header, rows), note]
+
+
+def _selection(selection: dict[str, Any]) -> str:
+    """ "worst_group (epoch 3)"; no epoch when the method trained none (a solver's fit)."""
+    text = escape(str(selection.get("rule")))
+    epoch = selection.get("best_epoch")
+    if isinstance(epoch, int) and epoch >= 1:
+        text += f" (epoch {epoch})"
+    return text
 
 
 # ------------------------------------------------------------------ run report
@@ -262,7 +258,7 @@ def render_run_report(run_dir: str | Path, results: dict[str, Any] | None = None
     method, dataset = str(results.get("method", "?")), str(results.get("dataset", "?"))
     supervision = results.get("supervision", {})
     selection = results.get("selection", {})
-    reference = results.get("reference") or None
+    reference = find_reference(run_dir, results)
     metrics = results.get("metrics", {})
     title = f"unspur: {method} on {dataset} (seed {results.get('seed')})"
     body = [
@@ -271,8 +267,7 @@ def render_run_report(run_dir: str | Path, results: dict[str, Any] | None = None
         f"method <b>{escape(method)}</b>, supervision <b>{escape(str(supervision.get('symbol')))}</b>"
         f" (train group labels: {escape(str(supervision.get('train_group_labels')))}, "
         f"val group labels: {escape(str(supervision.get('val_group_labels')))}); "
-        f"model selection: {escape(str(selection.get('rule')))} "
-        f"(epoch {escape(str(selection.get('best_epoch')))}); "
+        f"model selection: {_selection(selection)}; "
         f"wall time {float(results.get('wall_seconds') or 0):.1f} s; "
         f"run directory <code>{escape(str(run_dir))}</code>.</p>",
         "<h2>Headline metrics</h2>",
@@ -285,12 +280,15 @@ def render_run_report(run_dir: str | Path, results: dict[str, Any] | None = None
         _table(["model", "split", *(LABELS[k] for k in HEADLINE)], _headline_rows(entries), left=2)
     )
     if reference:
+        source = reference.get("source") or "the ERM reference model"
         body.append(
-            f"<p class='note'>before = the ERM reference model "
+            f"<p class='note'>before = {escape(str(source))}, "
             f"<code>{escape(str(reference.get('model', '')))}</code>, evaluated on the same "
             "splits.</p>"
         )
     body.append("<h2>Accuracy per group</h2>")
+    if not reference and method != "erm":
+        body.append(how_to_get_before(run_dir, results))
     for split, values in metrics.items():
         before = (reference or {}).get("metrics", {}).get(split) if reference else None
         body += _per_group(split, values, before)
@@ -301,8 +299,8 @@ def render_run_report(run_dir: str | Path, results: dict[str, Any] | None = None
         body.append(
             _table(["data info", "value"], [[k, _short(v)] for k, v in info.items()], left=2)
         )
-    body.append("<h2>Training curves</h2>")
-    body += _stage_curves(run_dir, _stages(run_dir, results))
+    body.append("<h2>Training</h2>")
+    body += training_section(run_dir, results)
     inference = results.get("group_inference")
     if inference:
         body.append("<h2>Group inference</h2>")
@@ -393,7 +391,7 @@ def render_compare_report(out_dir: str | Path, summary: dict[str, Any]) -> str:
             f"<td class='l'>{escape(str(run['method']))}</td><td>{escape(str(run['seed']))}</td>"
             f"<td>{escape(str(run['supervision']))}</td>"
             + "".join(f"<td>{escape(f'{run[k]:.2f}')}</td>" for k in HEADLINE)
-            + f"<td class='l'><a href=\"{escape(href, quote=True)}\">{escape(href)}</a></td></tr>"
+            + f"<td class='l'><a href=\"{escape(href, quote=True)}\">{breakable(href)}</a></td></tr>"
         )
     body.append(
         "<table><thead><tr><th class='l'>method</th><th>seed</th><th>supervision</th>"
