@@ -333,3 +333,13 @@ def test_a_missing_val_or_test_split_is_warned(tmp_path, capsys, splits, missing
     results = json.loads((out / "results.json").read_text())
     assert set(results["metrics"]) == set(splits) - {"train"}
     assert results["warnings"] and f"no {missing} rows" in results["warnings"][0]
+
+
+def test_a_method_options_train_settings_are_named_as_written():
+    from unspur.config import TrainConfig, train_config_with
+
+    with pytest.raises(ConfigError, match=r"method.options.pretrain.lr=-1.0 is out of range"):
+        train_config_with(TrainConfig(), {"lr": -1}, "pretrain")
+    with pytest.raises(ConfigError, match=r"did you mean 'method.options.pretrain.lr'"):
+        train_config_with(TrainConfig(), {"lr_rate": 0.1}, "pretrain")
+    assert train_config_with(TrainConfig(), {"lr": "1e-3"}, "pretrain").lr == 1e-3

@@ -192,13 +192,22 @@ def _range_error(path: str, value: Any, allowed: str, meaning: str, example: Any
     )
 
 
-def check_ranges(config: RunConfig) -> None:
+def _shown(path: str, train_path: str) -> str:
+    """``path`` as the user wrote it: ``train.lr`` of a method option's train settings is
+    ``method.options.<option>.lr``."""
+    head, dot, tail = path.partition(".")
+    return f"{train_path}.{tail}" if head == "train" and dot else path
+
+
+def check_ranges(config: RunConfig, train_path: str = "train") -> None:
     """Refuse any number outside :data:`RANGES` (a missing or None setting is skipped).
 
     A pair such as ``train.augment_scale`` must hold two numbers in range, low first.
+    ``train_path`` is where the train settings came from, for the message.
     """
-    for path, allowed in RANGES.items():
-        value = _path_value(config, path)
+    for key, allowed in RANGES.items():
+        value = _path_value(config, key)
+        path = _shown(key, train_path)
         if isinstance(value, tuple | list):
             ordered = list(value) == sorted(value)
             if not ordered or not all(allowed.contains(v) for v in value):
@@ -233,12 +242,16 @@ def _unknown_key(key: str, path: str, names: list[str]) -> ConfigError:
     """The error for an unknown key, with the key the user most likely meant."""
     prefix = f"{path}." if path else ""
     full = f"{prefix}{key}"
+    sections = [f.name for f in dataclasses.fields(RunConfig)]
     elsewhere = [p for p in _leaf_paths() if p.rsplit(".", 1)[-1] == key and p != full]
+    if path not in ["", *sections]:  # a method option's settings: only its own keys
+        elsewhere = []
     if len(elsewhere) == 1:
         hint = f" (did you mean {elsewhere[0]!r}? {key!r} belongs in that section)"
     else:
         hint = did_you_mean(key, names, prefix)
-    if not hint:  # a misspelt key of another section: data.num_epochs -> train.epochs
+    if not hint and not elsewhere and path in ["", *sections]:
+        # a misspelt key of another section: data.num_epochs -> train.epochs
         by_leaf: dict[str, list[str]] = {}
         for other in _leaf_paths():
             by_leaf.setdefault(other.rsplit(".", 1)[-1], []).append(other)
@@ -357,8 +370,12 @@ def _build(cls: type, values: Any, path: str) -> Any:
     return cls(**kwargs)
 
 
-def validate(config: RunConfig) -> RunConfig:
-    """Check values with a fixed set of choices, and every number's range (:data:`RANGES`)."""
+def validate(config: RunConfig, train_path: str = "train") -> RunConfig:
+    """Check values with a fixed set of choices, and every number's range (:data:`RANGES`).
+
+    ``train_path`` names where the train settings came from in messages (a method
+    option's own train settings: ``method.options.pretrain``).
+    """
     checks = [
         ("train.optimizer", config.train.optimizer, OPTIMIZERS),
         ("train.scheduler", config.train.scheduler, SCHEDULERS),
@@ -367,14 +384,15 @@ def validate(config: RunConfig) -> RunConfig:
         ("train.device", config.train.device, DEVICES),
         ("data.on_bad_image", config.data.on_bad_image, ("fail", "skip")),
     ]
-    for path, value, choices in checks:
+    for key, value, choices in checks:
+        path = _shown(key, train_path)
         if value not in choices:
             raise ConfigError(
                 f"{path}={value!r} is not one of {', '.join(choices)}"
                 f"{did_you_mean(str(value), choices)}; fix {path} in the config file or "
                 f"on the command line, e.g. --set {path}={choices[0]}"
             )
-    check_ranges(config)
+    check_ranges(config, train_path)
     return config
 
 
@@ -473,13 +491,17 @@ def dump_config(config: RunConfig) -> str:
 def train_config_with(base: TrainConfig, overrides: Any, what: str) -> TrainConfig:
     """``base`` with a method option's train settings (e.g. a pretraining stage) applied.
 
-    ``what`` names the option in errors, so a bad key points at the method option.
+    ``what`` names the option in errors, so a bad key or value is named as the user
+    wrote it: ``method.options.pretrain.lr``, not ``train.lr``.
     """
+    path = f"method.options.{what}"
     if not isinstance(overrides, dict):
-        raise ConfigError(f"method option {what} must be a mapping of train settings")
+        raise ConfigError(
+            f"{path} must be a mapping of train settings (e.g. {{epochs: 5, lr: 1e-3}}), "
+            f"got {overrides!r}"
+        )
     values = {**dataclasses.asdict(base), **overrides}
     values["augment_scale"] = list(values["augment_scale"])
-    try:
-        return config_from_dict({"train": values}).train
-    except ConfigError as err:
-        raise ConfigError(f"method option {what}: {err}") from err
+    train = _build(TrainConfig, values, path)
+    validate(RunConfig(train=train), train_path=path)
+    return train
