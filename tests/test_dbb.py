@@ -586,3 +586,11 @@ def test_inversion_model_of_a_domain_model_is_its_text_to_image_pipeline(tmp_pat
     assert inversion_weights(options, context) == str(folder / "text2image")
     # A domain model knows only its captions' words: one template, the class name after.
     assert inversion_templates(options, "circle") == ["a photo of a {} circle"]
+
+
+def test_dbb_refuses_bad_token_settings_before_training(tmp_path):
+    with pytest.raises(ConfigError, match="token_attributes"):
+        run(_config("domain", token_attributes={"circle": "purple"}), tmp_path)
+    assert not (tmp_path / "erm").exists()
+    with pytest.raises(ConfigError, match="inversion_model"):
+        run(_config(tmp_path, inversion_model=None), tmp_path / "run2")

@@ -676,6 +676,14 @@ class DBB(Method):
         table = context.train.table
         n_classes = table.n_classes
         _check_options(options, n_classes)
+        # Refuse bad token settings before any training (ERM, domain model).
+        resolve_token_override(
+            options["token_attributes"], list(table.class_names), list(table.attr_names)
+        )
+        if options["textual_inversion"]:
+            inversion_templates(options, "x")
+            if not _is_domain(str(options["generator"])):
+                inversion_weights(options, context)  # a look-up only, for hub ids and dirs
         directory = context.out_dir / STAGE
         directory.mkdir(parents=True, exist_ok=True)
 
