@@ -392,3 +392,32 @@ def test_damaged_selected_model_says_how_to_retrain_the_stage(tmp_path: Path) ->
     (stage / "best" / "model.safetensors").write_bytes(b"broken")
     with pytest.raises(CheckpointError, match=rf"stage 'train'.*Delete {stage} to train"):
         fit(build_model("small_cnn", 2, widths=[4, 4]), train, None, config, stage)
+
+
+def test_a_spuco_style_csv_on_real_images_inspects_and_trains(
+    tmp_path: Path, shared_data: Path, capsys
+) -> None:
+    """SpuCo Animals' birds with a metadata file outside the image folder, split codes
+    0/1/2 as SpuCo writes them: inspect passes and a one-epoch run trains on it."""
+    import json
+
+    from unspur.cli import main
+
+    root = shared_data / "spuco_animals"
+    rows = [
+        f"{bird}{place}{i}.png,{'lw'.index(bird)},{'lw'.index(place)},{(0, 0, 1, 2)[i - 1]}"
+        for bird in "lw"
+        for place in "lw"
+        for i in range(1, 5)
+    ]
+    meta = tmp_path / "birds.csv"
+    meta.write_text("filename,y,a,split\n" + "\n".join(rows) + "\n")
+    option = ["--option", f"csv={meta}", "--option", "class_names=landbird,waterbird"]
+    assert main(["data", "inspect", "--dataset", "csv", "--root", str(root), *option]) == 0
+    out = capsys.readouterr().out
+    assert "total   train=8  val=4  test=4" in out and "checks: usable" in out
+    args = csv_run_args(root, tmp_path / "run", f"data.options.csv={meta}", "train.epochs=1")
+    assert main(args) == 0
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["data"]["info"]["csv"] == str(meta) and results["threads"] == 1
+    assert {g["n"] for g in results["metrics"]["test"]["groups"]} == {1}
