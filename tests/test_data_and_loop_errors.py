@@ -421,3 +421,10 @@ def test_a_spuco_style_csv_on_real_images_inspects_and_trains(
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["data"]["info"]["csv"] == str(meta) and results["threads"] == 1
     assert {g["n"] for g in results["metrics"]["test"]["groups"]} == {1}
+
+
+def test_inspect_refuses_train_only_data_like_a_run(tmp_path: Path, capsys) -> None:
+    write_csv(tmp_path, [r for r in FOUR_GROUPS if ",train" in r])
+    code, out, err = inspect_csv(tmp_path, capsys)
+    assert code == 2 and "warning: no val split" not in out
+    assert "1 problem(s): (1) only train rows (4 images)" in one_clean_paragraph(err)

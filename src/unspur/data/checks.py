@@ -5,8 +5,10 @@ decode (at the batch that loads it), a validation or test split without some gro
 (worst-group metrics need every group), no training split. Each check here gives a
 :class:`Finding` with counts and the fix; ``error`` findings make the data unusable for
 ``unspur run`` (``inspect`` exits 2), ``warning`` findings are worth knowing but a run
-goes ahead (a training split without some group, no validation or test split, images
-left out by ``on_bad_image=skip``).
+goes ahead (a training split without some group, no validation or no test split, images
+left out by ``on_bad_image=skip``). The split rules match the run's
+(``pipeline.split_warnings``): only train rows is an error, one missing evaluation
+split a warning.
 
 Label typos are caught earlier, where the labels are read (the ``csv`` reader refuses
 a class id no training image has); :func:`check_table` repeats the class check for
@@ -126,9 +128,18 @@ def check_table(table: GroupTable, bad_images: list[str] | None = None) -> Inspe
                     "model cannot learn them; check the labels for a typo, or drop the class",
                 )
             )
+    if "train" in splits and not splits & {"val", "test"}:
+        findings.append(
+            Finding(
+                "error",
+                f"only train rows ({len(table.frame)} images): there is nothing to evaluate "
+                "a model on (a run refuses this). Mark some rows as val (model selection) "
+                "and some as test (the reported metrics)",
+            )
+        )
     for split in SPLITS:
         if split not in splits:
-            if split != "train":
+            if split != "train" and splits & {"val", "test"}:
                 effect = (
                     "model selection falls back to the last epoch and no val metrics"
                     if split == "val"
