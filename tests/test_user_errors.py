@@ -343,3 +343,19 @@ def test_a_method_options_train_settings_are_named_as_written():
     with pytest.raises(ConfigError, match=r"did you mean 'method.options.pretrain.lr'"):
         train_config_with(TrainConfig(), {"lr_rate": 0.1}, "pretrain")
     assert train_config_with(TrainConfig(), {"lr": "1e-3"}, "pretrain").lr == 1e-3
+
+
+def test_compare_takes_a_config_and_data_flags_together_like_run(tmp_path, capsys):
+    from unspur.cli import _compare_base
+
+    config = tmp_path / "base.yaml"
+    config.write_text("data:\n  name: synthetic\n  options: {bias: 0.9}\ntrain:\n  lr: 1e-3\n")
+    argv = ["compare", "--config", str(config), "--dataset", "csv", "--root", "d"]
+    args = build_parser().parse_args(
+        [*argv, "--option", "csv=m.csv", "--methods", "erm", "--out", "x"]
+    )
+    base = _compare_base(args)
+    assert base["data"] == {"name": "csv", "root": "d", "options": {"csv": "m.csv"}}
+    assert base["train"] == {"lr": 1e-3}
+    message = fails_clearly(["compare", "--methods", "erm", "--out", str(tmp_path)], capsys)
+    assert "--config BASE.yaml or --dataset NAME" in message

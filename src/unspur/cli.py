@@ -179,12 +179,14 @@ def cmd_run(args: argparse.Namespace) -> None:
 
 
 def _compare_base(args: argparse.Namespace) -> dict:
+    """The base config: ``--config``'s content with the data flags set, as for ``run``."""
     from unspur.config import read_yaml_mapping, with_data_settings
 
-    if args.config and args.dataset:
-        raise UnspurError("give either --config or --dataset, not both")
     if not args.config and not args.dataset:
-        raise UnspurError("compare needs a base: --config BASE.yaml or --dataset NAME")
+        raise UnspurError(
+            "compare needs a base: --config BASE.yaml or --dataset NAME (or both: the "
+            "data flags then replace the config's data settings, as for `unspur run`)"
+        )
     return with_data_settings(read_yaml_mapping(args.config), data_settings(args))
 
 
