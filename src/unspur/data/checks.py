@@ -96,7 +96,8 @@ def check_table(table: GroupTable, bad_images: list[str] | None = None) -> Inspe
                 "error",
                 f"{len(bad_images)} of {len(table.frame)} image(s) are missing or do not "
                 f"decode ({_shown(bad_images)}); replace them, or leave them out with "
-                "--on-bad-image skip here and --set data.on_bad_image=skip for a run",
+                "--on-bad-image skip (here and in run/compare; data.on_bad_image=skip in a "
+                "config)",
             )
         )
     skipped = int(table.info.get("skipped_bad_images", 0) or 0)

@@ -54,8 +54,7 @@ def _decode(data: bytes | Path, where: str) -> Image.Image:
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise DataError(
             f"cannot decode image {where}: {exc}. Replace the file, or leave such images "
-            "out with --set data.on_bad_image=skip (--on-bad-image skip for `unspur data "
-            "inspect`)"
+            "out with --on-bad-image skip (data.on_bad_image=skip in a config)"
         ) from exc
     return image
 
