@@ -345,9 +345,53 @@ def test_compare_report_reads_well_at_1280(tmp_path):
 
 
 @needs_chromium
+def write_history(stage_dir: Path, epochs: int) -> None:
+    """A ``history.json`` of ``epochs`` epochs, as the training loop writes it."""
+    stage_dir.mkdir(parents=True)
+    history = [
+        {
+            "epoch": e,
+            "train_loss": 1 / e,
+            "train_accuracy": 1 - 1 / (e + 1),
+            "seconds": 1.5,
+            "val": {"accuracy": 0.9, "worst_group_accuracy": 0.5 + e / (4 * epochs)},
+        }
+        for e in range(1, epochs + 1)
+    ]
+    (stage_dir / "history.json").write_text(json.dumps(history))
+
+
+@needs_chromium
 def test_long_group_names_read_well_at_1280(tmp_path):
+    """Long group and stage names, 120 epochs of curves, the how-to-get-ERM note."""
+    write_history(tmp_path / "retrain_the_last_layer_on_group_balanced_generated_images", 120)
+    write_history(tmp_path / "erm", 3)
+    write_dfr_train_fit(tmp_path / "dfr_train")
     page = write_run_report(tmp_path, long_name_results())
+    assert "best 10 of 42 tried" in page.read_text()
     assert_readable(layout(page, tmp_path), LONG_NAMES)
+
+
+def write_dfr_train_fit(stage_dir: Path) -> None:
+    """A ``dfr.json`` of DFR^Tr_Tr with tuned class weights (scores per (C, weights))."""
+    stage_dir.mkdir(parents=True)
+    scores = [
+        {"C": c, "class_weight": [1.0, w], "score": round(0.5 + c / 3 - w / 100, 4)}
+        for c in (1.0, 0.7, 0.3, 0.1, 0.07, 0.03, 0.01)
+        for w in (1.0, 2.0, 3.0, 10.0, 100.0, 300.0)
+    ]
+    info = {
+        "C": 1.0,
+        "class_weight": [1.0, 1.0],
+        "metric": "worst_group",
+        "tuning_scores": scores,
+        "variant": "dfr_train",
+        "num_retrains": 10,
+        "base_model": "final",
+        "base_model_dir": "erm/checkpoints/last",
+        "val": {"worst_group_accuracy": 0.75, "accuracy": 0.9},
+    }
+    (stage_dir / "dfr.json").write_text(json.dumps(info))
 
 
 def test_last_layer_run_says_what_was_trained(run_dir):

@@ -73,8 +73,9 @@ def how_to_get_before(run_dir: Path, results: dict[str, Any]) -> str:
     )
     return (
         "<p class='note'>No ERM \"before\" bars: this run has no ERM reference. To see "
-        f"{escape(method)} next to ERM on the same data and seed, run <code>{escape(command)}"
-        f"</code>; the report of its <code>{escape(method)}/seed{escape(str(seed))}</code> run "
-        "shows both. Or give a new run a trained ERM model to compare with: "
+        f"{escape(method)} next to ERM on the same data and seed, run:</p>"
+        f"<pre>{escape(command)}</pre>"
+        f"<p class='note'>The report of its <code>{escape(method)}/seed{escape(str(seed))}</code> "
+        "run then shows both. Or give a new run a trained ERM model to compare with: "
         "<code>--set method.reference=ERM_RUN/model</code>.</p>"
     )

@@ -90,13 +90,31 @@ def wrap(text: str, max_width: float, size: float, bold: bool = False) -> list[s
         if current:
             lines.append(current)
         current = ""
-        for ch in word:  # a word too long for a line: split it between characters
-            if current and text_width(current + ch, size, bold) > max_width:
+        if text_width(word, size, bold) <= max_width:
+            current = word
+            continue
+        for piece in _pieces(word):  # a word too long for a line: break after / _ . -
+            if current and text_width(current + piece, size, bold) > max_width:
                 lines.append(current)
                 current = ""
-            current += ch
+            for ch in piece:  # a piece still too long: between characters
+                if current and text_width(current + ch, size, bold) > max_width:
+                    lines.append(current)
+                    current = ""
+                current += ch
     lines.append(current)
     return lines
+
+
+def _pieces(word: str) -> list[str]:
+    """``word`` cut after each ``/ _ . -`` (the places a long name breaks best)."""
+    pieces, current = [], ""
+    for ch in word:
+        current += ch
+        if ch in "/_.-":
+            pieces.append(current)
+            current = ""
+    return [*pieces, current] if current else pieces
 
 
 def _missing(value: float | None) -> bool:
@@ -116,6 +134,18 @@ def _nice_max(value: float) -> float:
 
 def _ticks(top: float, n: int = 4) -> list[float]:
     return [top * i / n for i in range(n + 1)]
+
+
+def _count_axis(largest: float) -> tuple[float, list[float]]:
+    """Top and ticks of an axis of counts: whole numbers, a round step, at most 6 ticks."""
+    step = 1.0
+    while largest / step > 5:
+        for factor in (2, 2.5, 2):  # 1, 2, 5, 10, 20, 50, ...
+            step *= factor
+            if largest / step <= 5:
+                break
+    top = max(step, math.ceil(largest / step) * step)
+    return top, [i * step for i in range(int(round(top / step)) + 1)]
 
 
 def _text_lines(
@@ -195,7 +225,10 @@ def bar_chart(
     label.
     """
     values = [v for _, vs in series for v in vs if not _missing(v)]
-    top = y_max if y_max is not None else _nice_max(max(values, default=1.0))
+    if y_max is None:
+        top, ticks = _count_axis(max(values, default=1.0))
+    else:
+        top, ticks = y_max, _ticks(y_max)
     cat_size, value_size, tick_size = 13, 12, 11
     bar_h, bar_gap, block_pad = 15, 5, 8
 
@@ -252,13 +285,13 @@ def bar_chart(
                 f'<rect x="0" y="{block_top:.1f}" width="{width}" height="{block_h:.1f}" '
                 'fill="#f5f5f5" class="band"/>'
             )
-    for tick in _ticks(top):
+    for tick in ticks:
         x = px(tick)
         body.append(
             f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{upper:.1f}" y2="{plot_bottom:.1f}" '
             'stroke="#ddd" stroke-width="1" class="grid"/>'
         )
-        text = fmt(tick) if y_max == 1.0 else f"{tick:g}"
+        text = fmt(tick) if y_max is not None else f"{tick:g}"
         anchor = "end" if tick == top else ("start" if tick == 0 else "middle")
         body.append(_text_lines([text], x, plot_bottom + 15, tick_size, anchor=anchor, css="tick"))
     for c, category in enumerate(categories):
@@ -332,7 +365,8 @@ def line_chart(
     width: int = HALF_WIDTH,
     height: int = 260,
 ) -> str:
-    """Lines over ``x`` (one per series) with a point at every value and a legend.
+    """Lines over ``x`` (one per series) with a legend, and a dot (with its value as a
+    tooltip) at every point while the points are at least 8 px apart.
 
     ``height`` is the plot's height plus axes; the title and legend add their own rows.
     """
@@ -388,6 +422,7 @@ def line_chart(
     body.append(
         _text_lines([x_label], left + plot_w / 2, lower_axis + 33, tick_size, anchor="middle")
     )
+    dots = plot_w / max(len(set(xs)), 1) >= 8  # a dot per point while they stay apart
     for s, (name, xy) in enumerate(series):
         segment: list[str] = []
         segments: list[list[str]] = []
@@ -398,10 +433,11 @@ def line_chart(
                 segment = []
                 continue
             segment.append(f"{px(x):.1f},{py(y):.1f}")
-            body.append(
-                f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="2.5" fill="{colour(s)}">'
-                f"<title>{escape(name)} @ {escape(f'{x:g}')}: {escape(fmt(y))}</title></circle>"
-            )
+            if dots:
+                body.append(
+                    f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="2.5" fill="{colour(s)}">'
+                    f"<title>{escape(name)} @ {escape(f'{x:g}')}: {escape(fmt(y))}</title></circle>"
+                )
         if segment:
             segments.append(segment)
         for segment in segments:

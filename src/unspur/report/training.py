@@ -81,30 +81,33 @@ def stage_curves(run_dir: Path, stage: str) -> list[str]:
 
 
 def dfr_fit(stage: str, info: dict[str, Any], features_of: str) -> list[str]:
-    """What DFR fit in ``stage`` (from its ``dfr.json``): the head, its data, the chosen C."""
+    """What DFR fit in ``stage`` (from its ``dfr.json``): the head, its data, the choices.
+
+    ``features_of`` names the reference model (HTML); the base model DFR actually
+    embedded with (``base_model_dir``, e.g. the ERM run's final checkpoint) wins when
+    ``dfr.json`` records it.
+    """
     variant = str(info.get("variant") or stage)
     data = "validation" if "val" in variant else "training"
     metric = DFR_METRIC.get(str(info.get("metric")), str(info.get("metric")))
     refits = info.get("num_retrains")
+    if info.get("base_model_dir"):
+        features_of = (
+            f"the ERM model <code>{escape(str(info['base_model_dir']))}</code> "
+            f"(base_model: {escape(str(info.get('base_model', '?')))})"
+        )
+    weights = info.get("class_weight")
     text = (
-        f"Only the last layer was trained: an L1-regularised logistic regression on the "
+        "Only the last layer was trained: an L1-regularised logistic regression on the "
         f"frozen penultimate features of {features_of}, fit on group-balanced subsets of "
         f"the {data} set"
         + (f" and averaged over {escape(str(refits))} such fits" if refits else "")
-        + f"; C = {escape(str(info.get('C')))}, chosen by validation {escape(metric)}. "
-        "A solver, not epochs: no training curves."
+        + f"; C = {escape(str(info.get('C')))}"
+        + (f" and class weights {escape(_ratio(weights))}" if weights else "")
+        + f", chosen by validation {escape(metric)}. A solver, not epochs: no training curves."
     )
     out = [f"<h3>{escape(stage)}: last-layer fit (DFR)</h3>", f"<p>{text}</p>"]
-    scores = info.get("tuning_scores") or {}
-    if scores:
-        names = [f"C = {c}" + (" (chosen)" if _same(c, info.get("C")) else "") for c in scores]
-        out.append(
-            bar_chart(
-                names,
-                [(f"validation {metric} while tuning", [_number(v) for v in scores.values()])],
-                title=f"{stage}: choice of C",
-            )
-        )
+    out += _dfr_tuning(stage, info, metric)
     val = info.get("val") or {}
     if val:
         cells = "".join(
@@ -117,6 +120,41 @@ def dfr_fit(stage: str, info: dict[str, Any], features_of: str) -> list[str]:
             "</tbody></table>"
         )
     return out
+
+
+def _dfr_tuning(stage: str, info: dict[str, Any], metric: str) -> list[str]:
+    """The tuning scores: a chart over C, or (C, class weights) pairs, best first."""
+    scores = info.get("tuning_scores")
+    what = f"validation {metric} while tuning"
+    if isinstance(scores, dict) and scores:
+        names = [f"C = {c}" + (" (chosen)" if _same(c, info.get("C")) else "") for c in scores]
+        values = [_number(v) for v in scores.values()]
+        return [bar_chart(names, [(what, values)], title=f"{stage}: choice of C")]
+    if isinstance(scores, list) and scores:
+        rows = [r for r in scores if isinstance(r, dict)]
+        rows.sort(key=lambda r: -(_number(r.get("score")) or 0.0))
+        shown = rows[:10]
+        names = [
+            f"C = {r.get('C')}, class weights {_ratio(r.get('class_weight'))}"
+            + (
+                " (chosen)"
+                if _same(r.get("C"), info.get("C"))
+                and r.get("class_weight") == info.get("class_weight")
+                else ""
+            )
+            for r in shown
+        ]
+        title = f"{stage}: choice of C and class weights"
+        if len(rows) > len(shown):
+            title += f" (best {len(shown)} of {len(rows)} tried)"
+        return [bar_chart(names, [(what, [_number(r.get("score")) for r in shown])], title=title)]
+    return []
+
+
+def _ratio(weights: Any) -> str:
+    if isinstance(weights, (list, tuple)):
+        return ":".join(f"{w:g}" if isinstance(w, (int, float)) else str(w) for w in weights)
+    return str(weights)
 
 
 def _same(a: Any, b: Any) -> bool:
