@@ -242,9 +242,18 @@ def test_user_text_is_escaped(tmp_path):
     figures = tmp_path / "stage" / "figures"
     figures.mkdir(parents=True)
     (figures / "<i>fig.png").write_bytes(tiny_png())
+    write_history(tmp_path / "<b>stage", 2)
+    fit = tmp_path / "<u>dfr"
+    fit.mkdir()
+    (fit / "dfr.json").write_text(
+        json.dumps(
+            {"C": EVIL, "variant": EVIL, "tuning_scores": {EVIL: 0.5}, "base_model_dir": EVIL}
+        )
+    )
     page = write_run_report(tmp_path, evil_results())
     html = page.read_text()
     assert EVIL not in html and "<i>fig" not in html and "&lt;i&gt;fig.png" in html
+    assert "<b>stage" not in html and "<u>dfr" not in html and "&lt;u&gt;dfr" in html
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
     if CHROMIUM is not None:
         dom = dump_dom(page, tmp_path)

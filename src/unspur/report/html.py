@@ -241,12 +241,12 @@ def _per_group(split: str, after: dict[str, Any], before: dict[str, Any] | None)
 
 
 def _selection(selection: dict[str, Any]) -> str:
-    """ "worst_group (epoch 3)"; no epoch when the method trained none (a solver's fit)."""
+    """ "worst_group (epoch 3)"; a method fit without epochs (a solver) says so instead."""
     text = escape(str(selection.get("rule")))
     epoch = selection.get("best_epoch")
     if isinstance(epoch, int) and epoch >= 1:
-        text += f" (epoch {epoch})"
-    return text
+        return f"{text} (epoch {epoch})"
+    return f"{text} (no epochs to choose from: see Training)"
 
 
 # ------------------------------------------------------------------ run report

@@ -230,7 +230,8 @@ def bar_chart(
     else:
         top, ticks = y_max, _ticks(y_max)
     cat_size, value_size, tick_size = 13, 12, 11
-    bar_h, bar_gap, block_pad = 15, 5, 8
+    bar_h, bar_gap = 15, 5
+    block_pad = 8 if len(categories) <= 20 else 3  # many groups: a shorter chart
 
     def error_of(s: int, c: int) -> float | None:
         if errors is None or s >= len(errors) or c >= len(errors[s]):
