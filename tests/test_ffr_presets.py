@@ -113,3 +113,21 @@ def test_prompts_never_carry_a_readers_internal_names():
         Prompter(["not Smiling", "Smiling"], ["not Male", "Male"], "A photo of {bias} {class}")
     # A domain model's own captions are not templates: no words needed.
     assert readable("land") and not readable("not Male") and not readable("child (age<=10)")
+
+
+@pytest.mark.parametrize(
+    ("name", "preset", "dataset"),
+    [("utkface_ffr", "utkface", "utkface"), ("celeba_hq_ffr", "celeba_hq", "celeba_hq"),
+     ("spuco_animals_ffr", "spuco_animals", "spuco_animals")],
+)  # fmt: skip
+def test_shipped_configs_select_the_preset_by_level(name, preset, dataset):
+    from pathlib import Path
+
+    from unspur.config import load_config
+
+    config = load_config(Path(__file__).parents[1] / "configs" / f"{name}.yaml")
+    options = config.method.options
+    assert config.data.name == dataset and options["preset"] == preset
+    assert options["level"] is None and config.data.bias_ratio == 0.999  # level from data
+    assert options["generator"] == "CompVis/stable-diffusion-v1-4"
+    assert config.train.weight_decay == presets.WEIGHT_DECAY[preset]

@@ -2,7 +2,8 @@
 
 * :func:`generalized_cross_entropy` - GCE (Zhang & Sabuncu 2018) in the form LfF's
   official code trains its biased model with (and DiffInject reuses).
-* :func:`supervised_contrastive_loss` - SupCon (Khosla et al. 2020), the L_out form.
+* :func:`supervised_contrastive_loss` - SupCon (Khosla et al. 2020), the L_out form, or
+  with the negatives-only denominator of Clustered DreamBooth's Eq. 3.
 * :func:`weighted_cross_entropy` - per-sample weighted CE that never returns NaN for an
   empty selection (all weights zero), the guard multi-source losses need.
 
@@ -92,6 +93,7 @@ def supervised_contrastive_loss(
     temperature: float = 0.07,
     base_temperature: float | None = None,
     reduction: str = "mean",
+    denominator: str = "all",
 ) -> torch.Tensor:
     """Supervised contrastive loss (Khosla et al. 2020, eq. 2, "L_out"), one view per sample.
 
@@ -107,9 +109,18 @@ def supervised_contrastive_loss(
     multiplies by ``temperature / base_temperature`` (``base_temperature=0.07``); that
     factor is 1 unless ``base_temperature`` is given. ``temperature=0.07`` is the official
     code's default. ``reduction="none"`` returns ``L_i`` per anchor (0 where excluded).
+
+    ``denominator="negatives"`` sums the denominator over the anchor's negatives
+    ``N(i)`` (other classes) only, as Clustered DreamBooth writes SupCon (its Eq. 3,
+    ``clustered_dreambooth.md`` A.1); L_out's ``A(i)`` also holds the positives. An
+    anchor without a negative in the batch is then left out as well (its denominator
+    would be empty). That paper's Eq. 3 also sums over the anchors (``reduction="sum"``)
+    where L_out averages.
     """
     if temperature <= 0:
         raise ConfigError(f"SupCon temperature must be positive, got {temperature}")
+    if denominator not in ("all", "negatives"):
+        raise ConfigError(f"SupCon denominator must be 'all' or 'negatives', got {denominator!r}")
     if features.dim() != 2:
         features = features.flatten(1)
     n = features.shape[0]
@@ -122,10 +133,12 @@ def supervised_contrastive_loss(
     sim = sim - sim.max(dim=1, keepdim=True).values.detach()
     self_mask = torch.eye(n, dtype=torch.bool, device=features.device)
     positives = (y.view(-1, 1) == y.view(1, -1)) & ~self_mask
-    denominator = torch.logsumexp(sim.masked_fill(self_mask, float("-inf")), dim=1, keepdim=True)
-    log_prob = sim - denominator
+    excluded = self_mask if denominator == "all" else positives | self_mask
     n_pos = positives.sum(1)
-    has_pos = n_pos > 0
+    has_pos = (n_pos > 0) & ~excluded.all(1)
+    # Rows with an empty denominator are excluded below; fill them so logsumexp is finite.
+    excluded = excluded & has_pos.view(-1, 1) | self_mask & ~has_pos.view(-1, 1)
+    log_prob = sim - torch.logsumexp(sim.masked_fill(excluded, float("-inf")), 1, keepdim=True)
     # masked_fill (not multiplication) so -inf from a 1-sample row never meets a zero.
     summed = log_prob.masked_fill(~positives, 0.0).sum(1)
     per_anchor = torch.where(has_pos, -summed / n_pos.clamp_min(1), torch.zeros_like(summed))
