@@ -2,7 +2,10 @@
 
 The page has no JavaScript and loads nothing: charts are inline SVG
 (:mod:`unspur.report.svg`), figures are base64 ``<img>`` data URIs, the style sheet is
-inline. It opens offline in any browser.
+inline. It opens offline in any browser, and is laid out for a 1280 px wide window:
+charts span the text column (1100 px) and shrink with a narrower one, no label overlaps
+another or is cut (long names wrap), tables wrap long words instead of running past the
+page. ``tests/test_report.py`` checks this in headless Chromium.
 
 Everything that comes from the user or the data — class and attribute names, file
 names, prompts, config values, method names — goes through :func:`html.escape` before it
@@ -10,10 +13,12 @@ reaches the markup. Sections added by methods (see :func:`register_section`) mus
 same: they return markup, and :func:`escape` / :func:`img_tag` are the tools.
 
 A run report holds: the headline metrics (test and validation) with the ERM reference
-("before") next to the method ("after") when the run has one; per-group accuracy bars
-before/after and the per-group table; the group counts of the data (real and, when a
-``source`` column is present, synthetic); the training curves of every stage
-(``RUN/<stage>/history.json``); group inference; figures (every PNG under
+("before") next to the method ("after") when the run has one, or the ERM run beside it
+in a comparison (:mod:`unspur.report.before`; otherwise the command that produces one);
+per-group accuracy bars before/after and the per-group table; the group counts of the
+data (real and, when a ``source`` column is present, synthetic); what each stage trained
+(:mod:`unspur.report.training`: curves from ``RUN/<stage>/history.json``, DFR's
+last-layer fit from ``RUN/<stage>/dfr.json``); group inference; figures (every PNG under
 ``RUN/*/figures/``) and any registered section; the metric definitions; the config and
 library versions.
 """
