@@ -217,6 +217,23 @@ def cmd_compare(args: argparse.Namespace) -> None:
     _print_comparison(summary)
 
 
+def cmd_bench(args: argparse.Namespace) -> None:
+    from unspur.bench import run_suite
+    from unspur.compare import parse_list, parse_seeds
+
+    written = run_suite(
+        args.suite,
+        args.data_dir,
+        out=args.out,
+        work=args.work,
+        seeds=parse_seeds(args.seeds) if args.seeds else None,
+        only=parse_list(args.only, "--only") if args.only else None,
+        threads=args.threads,
+    )
+    for path in written:
+        print(f"table: {path}")
+
+
 def cmd_report(args: argparse.Namespace) -> None:
     from unspur.report import write_compare_report, write_run_report
 
@@ -341,6 +358,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     compare.add_argument("--out", required=True, help="comparison directory")
     compare.set_defaults(func=cmd_compare)
+
+    bench = commands.add_parser(
+        "bench",
+        help="run a benchmark suite (bench/suites/*.yaml): one table per setting, resumable",
+    )
+    bench.add_argument("suite", help="suite file, e.g. bench/suites/smoke.yaml")
+    bench.add_argument("--data-dir", default=None, help="data folder, e.g. ../shared/data")
+    bench.add_argument("--out", default=None, help="tables folder (default bench/results/<suite>)")
+    bench.add_argument(
+        "--work", default=None, help="run folders, resumable (default runs/bench/<suite>)"
+    )
+    bench.add_argument("--seeds", default=None, help="comma-separated (default: the suite's)")
+    bench.add_argument("--only", default=None, help="comma-separated setting names")
+    bench.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads per run (train.threads)"
+    )
+    bench.set_defaults(func=cmd_bench)
 
     report = commands.add_parser("report", help="(re)write the HTML report of a run or comparison")
     report.add_argument("dir", help="a run directory or a comparison directory")

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from unspur.config import RunConfig, apply_overrides, config_from_dict
-from unspur.errors import ConfigError
+from unspur.errors import ConfigError, UnspurError
 from unspur.evaluate.metrics import DEFINITIONS
 from unspur.io import atomic_write_json, atomic_write_text
 
@@ -93,17 +93,34 @@ def plan(
     seeds: list[int],
     overrides: list[str],
     out_dir: Path,
+    variants: dict[str, tuple[str, list[str]]] | None = None,
+    fingerprinted_dirs: bool = False,
 ) -> list[tuple[str, int, RunConfig, Path]]:
-    """Every (method, seed, config, run dir), ERM first; all configs validated up front."""
+    """Every (method, seed, config, run dir), ERM first; all configs validated up front.
+
+    ``variants`` maps a label used in ``methods`` to ``(method name, overrides)``: a named
+    variant of a method (``mac_views4 -> ("mac", ["method.options.views=4"])``) that runs
+    in its own directory and has its own row. With ``fingerprinted_dirs`` a run lives in
+    ``OUT/<label>/seed<k>-<run fingerprint>``: a changed config (or a changed ERM
+    reference, whose directory is part of the config that reuses it) gets a new directory
+    and runs again, an unchanged one is found finished (the bench's exact invalidation).
+    """
     from unspur.methods.base import get_method
+    from unspur.stages import run_fingerprint
+
+    variants = variants or {}
+
+    def method_of(label: str) -> str:
+        return variants[label][0] if label in variants else label
 
     for name in methods:
-        get_method(name)
+        get_method(method_of(name))
     common, per_method = split_overrides(overrides, methods)
     values = apply_overrides(copy.deepcopy(base), common)
     base_method = (values.get("method") or {}).get("name", "erm")
 
-    def config_for(name: str, seed: int, reference: Path | None) -> RunConfig:
+    def config_for(label: str, seed: int, reference: Path | None) -> RunConfig:
+        name = method_of(label)
         v = copy.deepcopy(values)
         section = v.setdefault("method", {}) or {}
         v["method"] = section
@@ -111,13 +128,13 @@ def plan(
             section["options"] = {}
         section["name"] = name
         v["seed"] = seed
-        v = apply_overrides(v, per_method.get(name, []))
+        v = apply_overrides(v, [*variants.get(label, (name, []))[1], *per_method.get(label, [])])
         if reference is not None and not v["method"].get("reference"):
             v["method"]["reference"] = str(reference)
         try:
             config = config_from_dict(v)
         except ConfigError as exc:
-            raise ConfigError(f"{name}: {exc}") from exc
+            raise ConfigError(f"{label}: {exc}") from exc
         get_method(name).resolve_options(config.method.options)
         return config
 
@@ -129,11 +146,18 @@ def plan(
         order.remove("erm")
         order.insert(0, "erm")
     runs = []
+    erm_dirs: dict[int, Path] = {}
     for name in order:
         for seed in seeds:
-            reference = out_dir / "erm" / f"seed{seed}" / "model" if name in needs_erm else None
+            erm_dir = erm_dirs.get(seed, out_dir / "erm" / f"seed{seed}")
+            reference = erm_dir / "model" if name in needs_erm else None
+            config = config_for(name, seed, reference)
             run_dir = out_dir / name / f"seed{seed}"
-            runs.append((name, seed, config_for(name, seed, reference), run_dir))
+            if fingerprinted_dirs:
+                run_dir = run_dir.with_name(f"seed{seed}-{run_fingerprint(config)[:12]}")
+            if name == "erm":
+                erm_dirs[seed] = run_dir
+            runs.append((name, seed, config, run_dir))
     return runs
 
 
@@ -319,12 +343,21 @@ def compare(
     command: str = "",
     log: Callable[[str], None] = print,
     estimate: dict[str, float] | None = None,
+    variants: dict[str, tuple[str, list[str]]] | None = None,
+    fingerprinted_dirs: bool = False,
+    failures: list[str] | None = None,
+    reports: bool = True,
 ) -> dict[str, Any]:
     """Run every (method, seed) (skipping finished runs), then write the tables and report.
 
     ``base`` is a config mapping (a YAML file's content, or ``{}`` for the defaults).
     ``estimate`` (method -> seconds) seeds the time-left estimate before any run has finished
     (the demo passes its measured costs); afterwards the estimate follows the measured pace.
+    ``variants`` and ``fingerprinted_dirs`` go to :func:`plan` (``unspur bench`` uses
+    them). With a ``failures`` list, a run that refuses its data or options (an
+    :class:`UnspurError`) is recorded there as ``"label seed k: reason"`` and left out of
+    the table instead of stopping the comparison. ``reports=False`` writes no HTML. Every
+    run that trains here leaves ``cost.json`` (wall and CPU seconds of this process).
     Returns the summary written to ``comparison.json``.
     """
     from unspur.pipeline import run
@@ -332,7 +365,7 @@ def compare(
     from unspur.stages import is_finished
 
     out_dir = Path(out_dir)
-    runs = plan(base, methods, seeds, overrides or [], out_dir)
+    runs = plan(base, methods, seeds, overrides or [], out_dir, variants, fingerprinted_dirs)
     order = list(dict.fromkeys(name for name, *_ in runs))
     done = []
     pace = RunPace(estimate)
@@ -344,10 +377,23 @@ def compare(
             left = pace.seconds_left([n for n, *_ in runs[i - 1 :]])
             eta = f"; about {format_duration(left)} left in all" if left is not None else ""
             log(f"[{i}/{len(runs)}] {name} seed {seed}: running in {run_dir}{eta}")
-            started = time.perf_counter()
-            results = run(config, run_dir)
-            pace.record(name, time.perf_counter() - started)
-            write_run_report(run_dir, results)
+            started, cpu = time.perf_counter(), time.process_time()
+            try:
+                results = run(config, run_dir)
+            except UnspurError as exc:
+                if failures is None:
+                    raise
+                failures.append(f"{name} seed {seed}: {str(exc).splitlines()[0]}")
+                log(f"[{i}/{len(runs)}] {name} seed {seed}: FAILED: {exc}")
+                continue
+            wall = time.perf_counter() - started
+            pace.record(name, wall)
+            atomic_write_json(
+                run_dir / "cost.json",
+                {"wall_seconds": wall, "cpu_seconds": time.process_time() - cpu},
+            )
+            if reports:
+                write_run_report(run_dir, results)
         done.append(
             {
                 "method": name,
@@ -359,6 +405,8 @@ def compare(
         )
         if "test" not in results["metrics"]:
             raise ConfigError(f"{name} seed {seed}: the data has no test split to compare on")
+    if not done:
+        raise UnspurError("no run finished: " + "; ".join(failures or []))
     summary = summarise(done, order, seeds)
     summary["command"] = command
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -382,5 +430,6 @@ def compare(
     atomic_write_text(out_dir / "runs.csv", _csv(summary["runs"]))
     atomic_write_json(out_dir / "comparison.json", summary)
     summary["markdown"] = table_md
-    summary["report"] = str(write_compare_report(out_dir, summary))
+    if reports:
+        summary["report"] = str(write_compare_report(out_dir, summary))
     return summary

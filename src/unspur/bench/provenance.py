@@ -1,0 +1,183 @@
+"""Where a benchmark table came from: command, commit, libraries, threads, cost, machine.
+
+Every results file the bench writes starts with this record, so a reader can regenerate
+it from a fresh clone with ``../shared`` beside it. Paths in it are relative (the
+repository's own paths and the data directory's), never a machine's absolute path:
+:func:`machine_paths` finds those, and the bench's test runs it over every committed file.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import resource
+import shlex
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+#: An absolute path of one machine: what a results file or a script must not hold.
+MACHINE_PATH = re.compile(r"(?<![\w.~-])/(?:tmp|root|home|work|Users|mnt|scratch)/")
+#: The data directory the regenerating command names: ``../shared/data`` beside the clone.
+DATA_DIR = "../shared/data"
+
+
+def machine_paths(text: str) -> list[str]:
+    """The lines of ``text`` that hold an absolute machine path (``/tmp/...``, ``/work/...``)."""
+    return [line.strip() for line in text.splitlines() if MACHINE_PATH.search(line)]
+
+
+def repo_root(start: Path) -> Path | None:
+    """The git work tree holding ``start``, or None."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--show-toplevel"],
+            cwd=start if start.is_dir() else start.parent,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return Path(out.stdout.strip()) if out.returncode == 0 and out.stdout.strip() else None
+
+
+def git_state(root: Path | None) -> dict[str, Any]:
+    """HEAD's commit and how many tracked files differ from it (0: a clean checkout)."""
+    if root is None:
+        return {"commit": "unknown (not a git checkout)", "changed_files": None}
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args], cwd=root, capture_output=True, text=True, timeout=60
+        ).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "HEAD") or "unknown"
+        changed = [
+            line for line in git("status", "--porcelain", "--untracked-files=no").splitlines()
+        ]
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": "unknown", "changed_files": None}
+    return {"commit": commit, "changed_files": len(changed)}
+
+
+def machine() -> dict[str, Any]:
+    """Platform, processor and how many cores there are and this process may use."""
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        usable = os.cpu_count()
+    return {
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "processor": platform.processor() or "unknown",
+        "cores": os.cpu_count(),
+        "usable cores": usable,
+    }
+
+
+def relative_command(suite: Path, root: Path | None, extra: list[str]) -> str:
+    """``unspur bench <suite> --data-dir ../shared/data ...`` as run from the clone's root."""
+    shown = suite.name
+    if root is not None:
+        try:
+            shown = suite.resolve().relative_to(root.resolve()).as_posix()
+        except ValueError:
+            pass
+    return shlex.join(["unspur", "bench", shown, "--data-dir", DATA_DIR, *extra])
+
+
+@dataclass
+class Clock:
+    """Wall and CPU seconds since it was made (this process and its children)."""
+
+    wall: float = field(default_factory=time.perf_counter)
+    cpu: float = field(default_factory=lambda: Clock.cpu_now())
+
+    @staticmethod
+    def cpu_now() -> float:
+        own = resource.getrusage(resource.RUSAGE_SELF)
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+    def elapsed(self) -> dict[str, float]:
+        return {
+            "wall_seconds": round(time.perf_counter() - self.wall, 1),
+            "cpu_seconds": round(self.cpu_now() - self.cpu, 1),
+        }
+
+
+def provenance(
+    suite: Path, extra_args: list[str], clock: Clock, runs: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """The record every results file of a suite carries.
+
+    ``runs``: the table's runs, each with ``wall_seconds``, ``cpu_seconds`` (None when
+    unknown), ``threads`` and ``skipped`` (found finished, not trained by this call).
+    """
+    import torch
+
+    from unspur.pipeline import library_versions
+
+    root = repo_root(suite.resolve())
+    trained = [r for r in runs if not r["skipped"]]
+    cpu = [r["cpu_seconds"] for r in runs if r["cpu_seconds"] is not None]
+    return {
+        "command": relative_command(suite, root, extra_args),
+        "git": git_state(root),
+        "versions": library_versions(),
+        "threads": {
+            "bench process": torch.get_num_threads(),
+            "runs": sorted({r["threads"] for r in runs if r["threads"] is not None}),
+        },
+        "cost": {
+            "runs": len(runs),
+            "trained by this invocation": len(trained),
+            "run wall seconds (sum)": round(sum(r["wall_seconds"] or 0.0 for r in runs), 1),
+            "run CPU seconds (sum, known runs)": round(sum(cpu), 1),
+            "runs with known CPU seconds": len(cpu),
+            "this invocation": clock.elapsed(),
+        },
+        "machine": machine(),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
+
+
+def provenance_lines(record: dict[str, Any]) -> list[str]:
+    """The record as the markdown lines at the top of a table."""
+    git = record["git"]
+    changed = git["changed_files"]
+    state = (
+        "clean checkout"
+        if changed == 0
+        else f"{changed} tracked file(s) differed from it"
+        if changed
+        else "state unknown"
+    )
+    versions = ", ".join(f"{k} {v}" for k, v in record["versions"].items())
+    threads = record["threads"]
+    cost = record["cost"]
+    call = cost["this invocation"]
+    m = record["machine"]
+    return [
+        f"Regenerate (from a fresh clone's root, `pip install -e .`, `../shared` beside it): "
+        f"`{record['command']}`",
+        "",
+        f"- commit: `{git['commit']}` ({state})",
+        f"- libraries: {versions}",
+        f"- threads: {threads['bench process']} in the bench process; runs: "
+        f"{', '.join(map(str, threads['runs'])) or 'unknown'}",
+        f"- cost: {cost['runs']} runs ({cost['trained by this invocation']} trained by the "
+        f"invocation that wrote this file, the rest found finished); run wall time "
+        f"{cost['run wall seconds (sum)']} s in all, run CPU time "
+        f"{cost['run CPU seconds (sum, known runs)']} s ({cost['runs with known CPU seconds']} "
+        f"runs measured); this invocation {call['wall_seconds']} s wall, "
+        f"{call['cpu_seconds']} s CPU",
+        f"- machine: {m['platform']} ({m['machine']}, processor {m['processor']}), "
+        f"{m['cores']} cores, {m['usable cores']} usable by the process",
+        f"- written: {record['date']}",
+    ]

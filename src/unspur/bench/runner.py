@@ -1,0 +1,320 @@
+"""``unspur bench SUITE``: every (setting, variant, seed) of a suite, one table per setting.
+
+Each setting is an ``unspur compare`` (:func:`unspur.compare.compare`): ERM first, methods
+that start from a reference model reuse that seed's ERM run, mean ± sample std with n and
+the paired difference to ERM come from the same code. Runs live in
+``WORK/<setting>/<label>/seed<k>-<run fingerprint>``, so a rerun skips every finished
+run, and a changed suite reruns exactly the runs whose config it changes (a changed ERM
+changes the reference path of the runs that reuse it, so they rerun too); directories of
+older configs stay until deleted.
+
+Writes ``OUT/<setting>.md`` (provenance, the table, every run), ``OUT/<setting>.csv``
+(the table), ``OUT/<setting>_runs.csv`` (one row per run) and ``OUT/provenance.json``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from unspur.bench.measurements import measure
+from unspur.bench.provenance import Clock, machine_paths, provenance, provenance_lines
+from unspur.bench.suite import Suite, load_suite, oracle_mark, pipeline_symbol
+from unspur.compare import COLUMN, DIFF_COLUMN, TABLE_METRICS, compare, markdown_table, plan
+from unspur.config import RunConfig, apply_overrides
+from unspur.errors import ConfigError, UnspurError
+from unspur.io import atomic_write_json, atomic_write_text
+
+SUPERVISION = "supervision (pipeline)"
+ORACLE = "oracle input"
+
+
+def default_out(suite_path: Path, name: str) -> Path:
+    """``bench/results/<suite>`` beside a ``bench/suites/`` file, else ``bench-results/<suite>``."""
+    if suite_path.parent.name == "suites":
+        return suite_path.parent.parent / "results" / name
+    return Path("bench-results") / name
+
+
+def setting_base(suite: Suite, name: str, data_dir: Path | None, threads: int | None) -> dict:
+    """The config mapping every method of a setting starts from."""
+    setting = suite.settings[name]
+    overrides = [*suite.overrides, *setting.overrides, "train.progress=false"]
+    if threads is not None:
+        overrides.append(f"train.threads={threads}")
+    for asset_name in [setting.root, *setting.uses]:
+        if asset_name is None:
+            continue
+        asset = suite.assets[asset_name]
+        if data_dir is None:
+            raise ConfigError(
+                f"setting {name!r} of suite {suite.path} reads asset {asset_name!r} "
+                f"({asset.path}); pass --data-dir, e.g. --data-dir ../shared/data"
+            )
+        if not (data_dir / asset.path).exists():
+            raise ConfigError(
+                f"setting {name!r} of suite {suite.path} reads asset {asset_name!r}, but "
+                f"{data_dir / asset.path} does not exist; check --data-dir"
+            )
+    if setting.root is not None:
+        overrides.append(f"data.root={data_dir / suite.assets[setting.root].path}")
+    try:
+        return apply_overrides({}, overrides)
+    except ConfigError as exc:
+        raise ConfigError(f"suite {suite.path}: settings.{name}: {exc}") from None
+
+
+def _format(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.3f}" if abs(value) < 10 else f"{value:.1f}"
+    return str(value)
+
+
+def _aggregate(values: list[Any]) -> str:
+    """Numbers: mean ± sample std (ddof = 1) over seeds; anything else: the distinct values."""
+    present = [v for v in values if v is not None]
+    if not present:
+        return "-"
+    if all(isinstance(v, int | float) and not isinstance(v, bool) for v in present):
+        array = np.asarray(present, dtype=np.float64)
+        mean = _format(float(array.mean()))
+        return f"{mean} ± {_format(float(array.std(ddof=1)))}" if array.size > 1 else mean
+    return ", ".join(dict.fromkeys(_format(v) for v in present))
+
+
+def _csv_text(rows: list[dict[str, Any]]) -> str:
+    buffer = io.StringIO()
+    if rows:
+        fields = list(dict.fromkeys(k for r in rows for k in r))
+        writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n", restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def _checked(text: str, path: Path) -> str:
+    found = machine_paths(text)
+    if found:  # a bug of ours, never the user's input: nothing absolute goes in a table
+        raise AssertionError(f"{path} would hold an absolute machine path: {found[0]}")
+    return text
+
+
+def run_setting(
+    suite: Suite,
+    name: str,
+    base: dict,
+    seeds: list[int],
+    work: Path,
+    log: Callable[[str], None],
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[str]]:
+    """Run (or find finished) one setting; returns (table rows, run rows, failures)."""
+    configs: dict[tuple[str, int], RunConfig] = {
+        (label, seed): config
+        for label, seed, config, _ in plan(
+            base, suite.labels, seeds, [], work, suite.compare_variants(), True
+        )
+    }
+    failures: list[str] = []
+    before = {p for p in work.glob("*/seed*/results.json")} if work.exists() else set()
+    summary = compare(
+        base,
+        suite.labels,
+        seeds,
+        work,
+        command="",
+        log=log,
+        variants=suite.compare_variants(),
+        fingerprinted_dirs=True,
+        failures=failures,
+        reports=False,
+    )
+    asset_level = suite.asset_supervision(name)
+    measured: dict[str, list[dict[str, Any]]] = {}
+    run_rows = []
+    for r in summary["runs"]:
+        run_dir = Path(r["run_dir"])
+        results = json.loads((run_dir / "results.json").read_text())
+        columns = measure(suite.measurements, run_dir, results)
+        cost = run_dir / "cost.json"
+        cpu = json.loads(cost.read_text()).get("cpu_seconds") if cost.is_file() else None
+        config = configs[(r["method"], r["seed"])]
+        variant = suite.variants.get(r["method"])
+        measured.setdefault(r["method"], []).append(columns)
+        run_rows.append(
+            {
+                "setting": name,
+                "method": r["method"],
+                SUPERVISION: pipeline_symbol(r["supervision"], asset_level),
+                ORACLE: (oracle_mark(variant, config) if variant else "") or "-",
+                "seed": r["seed"],
+                **{k: f"{r[k]:.1f}" for k in (*TABLE_METRICS, "accuracy")},
+                "selection": r["selection"],
+                "run": f"{run_dir.parent.name}/{run_dir.name}",
+                "_skipped": (run_dir / "results.json") in before,
+                "_cpu": cpu,
+                "_threads": results.get("threads"),
+                "_wall": results.get("wall_seconds"),
+                **columns,
+            }
+        )
+    table = []
+    for row in summary["table"]:
+        label = row["method"]
+        first = next(r for r in run_rows if r["method"] == label)
+        entry = {
+            "method": label,
+            SUPERVISION: first[SUPERVISION],
+            ORACLE: first[ORACLE],
+            **{COLUMN[k]: row[COLUMN[k]] for k in TABLE_METRICS},
+            "n": row["n"],
+        }
+        if DIFF_COLUMN in row:
+            entry[DIFF_COLUMN] = row[DIFF_COLUMN]
+        keys = list(dict.fromkeys(k for m in measured[label] for k in m))
+        for key in keys:
+            entry[key] = _aggregate([m.get(key) for m in measured[label]])
+        table.append(entry)
+    return table, run_rows, failures
+
+
+def _public(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [
+        {k: (_format(v) if isinstance(v, float) or v is None else v) for k, v in r.items()
+         if k[0] != "_"}  # fmt: skip
+        for r in rows
+    ]
+
+
+def _uniform(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    return [{k: r.get(k, "-") for k in keys} for r in rows]
+
+
+def write_setting(
+    suite: Suite,
+    name: str,
+    out: Path,
+    table: list[dict[str, Any]],
+    run_rows: list[dict[str, Any]],
+    failures: list[str],
+    record: dict[str, Any],
+    seeds: list[int],
+) -> Path:
+    """``OUT/<setting>.md``, ``.csv`` and ``_runs.csv``; returns the markdown path."""
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", name)
+    setting = suite.settings[name]
+    lines = [
+        f"# {suite.name}: {name}",
+        "",
+        *([suite.description, ""] if suite.description else []),
+        *provenance_lines(record),
+        "",
+        f"Setting `{name}`: `{' '.join([*suite.overrides, *setting.overrides])}`"
+        + (
+            f" (data.root: `{suite.assets[setting.root].path}` under the data directory)"
+            if setting.root
+            else ""
+        ),  # fmt: skip
+        *([f"{setting.note}"] if setting.note else []),
+        "",
+        f"Test split, percentages, mean ± sample std (ddof = 1) over the n seeds "
+        f"({', '.join(map(str, seeds))}); `{DIFF_COLUMN}`: worst-group accuracy minus ERM's "
+        "of the same seed, mean with a 95% Student-t interval. Supervision of the whole "
+        "pipeline (method, and any generator or asset it used): x no group labels, "
+        "✓ validation group labels, ✓✓ training group labels. `oracle input`: what the run "
+        "was given that a user would not have (e.g. exact object masks); such a row is a "
+        "diagnostic, not a method. Model selection follows each method's own rule on the "
+        "validation split (the `selection` column below); no choice was made on test.",
+        *([f"Seeds: {suite.seeds_note}"] if suite.seeds_note else []),
+        "",
+        markdown_table(_uniform(table)),
+        "",
+    ]
+    notes = [f"- `{v.label}` = `{v.method}` "
+             + (f"with `{' '.join(v.overrides)}`" if v.overrides else "as it stands")
+             + (f": {v.note}" if v.note else "")
+             for v in suite.variants.values()]  # fmt: skip
+    lines += ["## Methods", "", *notes, ""]
+    if suite.notes:
+        lines += ["## Notes", "", suite.notes.strip(), ""]
+    if failures:
+        lines += ["## Runs that did not complete", "", *[f"- {f}" for f in failures], ""]
+    lines += ["## Every run", "", markdown_table(_uniform(_public(run_rows))), ""]
+    md = out / f"{stem}.md"
+    atomic_write_text(md, _checked("\n".join(lines), md))
+    atomic_write_text(out / f"{stem}.csv", _checked(_csv_text(_uniform(table)), md))
+    atomic_write_text(out / f"{stem}_runs.csv", _checked(_csv_text(_public(run_rows)), md))
+    return md
+
+
+def run_suite(
+    suite_path: str | Path,
+    data_dir: str | Path | None = None,
+    *,
+    out: str | Path | None = None,
+    work: str | Path | None = None,
+    seeds: list[int] | None = None,
+    only: list[str] | None = None,
+    threads: int | None = None,
+    log: Callable[[str], None] = print,
+) -> list[Path]:
+    """Run a suite (resuming) and write its tables; returns the markdown files written."""
+    clock = Clock()
+    suite_path = Path(suite_path)
+    suite = load_suite(suite_path)
+    data_dir = Path(data_dir) if data_dir is not None else None
+    seeds = seeds or suite.seeds
+    names = only or list(suite.settings)
+    for name in names:
+        if name not in suite.settings:
+            from unspur.errors import did_you_mean
+
+            raise ConfigError(
+                f"--only names setting {name!r}, which suite {suite_path} does not have"
+                f"{did_you_mean(name, suite.settings)}; settings: {', '.join(suite.settings)}"
+            )
+    out = Path(out) if out is not None else default_out(suite_path, suite.name)
+    work = Path(work) if work is not None else Path("runs") / "bench" / suite.name
+    # Every setting's data and every variant's config are checked before anything trains.
+    bases = {name: setting_base(suite, name, data_dir, threads) for name in names}
+    for name, base in bases.items():
+        try:
+            plan(base, suite.labels, seeds, [], work / name, suite.compare_variants(), True)
+        except UnspurError as exc:
+            raise ConfigError(f"suite {suite_path}: setting {name!r}: {exc}") from None
+    extra = []
+    if seeds != suite.seeds:
+        extra += ["--seeds", ",".join(map(str, seeds))]
+    if only:
+        extra += ["--only", ",".join(only)]
+    if threads is not None:
+        extra += ["--threads", str(threads)]
+    written, everything = [], {}
+    for name in names:
+        log(f"== {suite.name}: setting {name}")
+        everything[name] = run_setting(suite, name, bases[name], seeds, work / name, log)
+    out.mkdir(parents=True, exist_ok=True)
+    all_runs = [
+        {
+            "skipped": r["_skipped"],
+            "cpu_seconds": r["_cpu"],
+            "threads": r["_threads"],
+            "wall_seconds": r["_wall"],
+        }
+        for table, run_rows, _ in everything.values()
+        for r in run_rows
+    ]
+    record = provenance(suite_path, extra, clock, all_runs)
+    for name, (table, run_rows, failures) in everything.items():
+        written.append(write_setting(suite, name, out, table, run_rows, failures, record, seeds))
+    atomic_write_json(out / "provenance.json", {"suite": suite.name, **record})
+    return written

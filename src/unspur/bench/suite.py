@@ -1,0 +1,286 @@
+"""Benchmark suites: one YAML file names everything a benchmark table is made of.
+
+A suite lists *settings* (a dataset and the config overrides that make it), *methods*
+(a method name, or a named variant of one: ``mac_views4: {method: mac, set: [...]}``),
+the *seeds*, the *assets* it reads from the data directory, and the *measurements*
+(:mod:`unspur.bench.measurements`) the table carries besides accuracy. Every problem is
+found when the file is read, before anything trains: an unknown key, method, variant,
+measurement or asset raises :class:`~unspur.errors.ConfigError` naming it.
+
+Example (``bench/suites/smoke.yaml``)::
+
+    description: ERM against two robust methods on the synthetic benchmark
+    seeds: [0, 1]
+    seeds_note: 2 seeds keep the smoke suite under five CPU minutes
+    set: [train.epochs=2]
+    settings:
+      synthetic-99: {set: [data.name=synthetic, data.options.bias=0.99]}
+      colored_mnist-1%: {root: mnist, set: [data.name=colored_mnist]}
+    assets:
+      mnist: {path: mnist, labels: none, what: MNIST digits (t10k)}
+    methods:
+      erm:
+      dfr_val:
+      mac_gt: {method: mac, set: [method.options.saliency=ground_truth],
+               oracle: exact object masks}
+    measurements: [timing]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from unspur.config import load_yaml
+from unspur.errors import ConfigError, did_you_mean
+
+TOP_KEYS = (
+    "description",
+    "seeds",
+    "seeds_note",
+    "set",
+    "settings",
+    "methods",
+    "assets",
+    "measurements",
+    "notes",
+)
+SETTING_KEYS = ("set", "root", "uses", "note")
+METHOD_KEYS = ("method", "set", "oracle", "note")
+ASSET_KEYS = ("path", "labels", "what")
+#: Which labels an asset's construction saw, as a supervision level (captions that name
+#: the bias attribute count as training group labels).
+ASSET_LABELS = {"none": 0, "val_groups": 1, "train_groups": 2}
+SYMBOLS = ("x", "✓", "✓✓")
+#: Method options that feed the method an oracle input: (method, option, value) -> mark.
+ORACLE_OPTIONS = {("mac", "saliency", "ground_truth"): "exact object masks"}
+
+
+@dataclass
+class Asset:
+    """Something a setting reads from ``--data-dir`` (a dataset folder, a generator)."""
+
+    name: str
+    path: str
+    labels: str = "none"
+    what: str = ""
+
+
+@dataclass
+class Setting:
+    """A dataset and the overrides that make one row group (one table) of the suite."""
+
+    name: str
+    overrides: list[str]
+    root: str | None = None  # an asset name: data.root = DATA_DIR/<asset path>
+    uses: list[str] = field(default_factory=list)  # further assets (generators, ...)
+    note: str = ""
+
+
+@dataclass
+class Variant:
+    """A row of the table: a method, or a named variant of one with its own overrides."""
+
+    label: str
+    method: str
+    overrides: list[str]
+    oracle: str = ""
+    note: str = ""
+
+
+@dataclass
+class Suite:
+    name: str
+    path: Path
+    description: str
+    seeds: list[int]
+    seeds_note: str
+    overrides: list[str]
+    settings: dict[str, Setting]
+    variants: dict[str, Variant]
+    assets: dict[str, Asset]
+    measurements: list[str]
+    notes: str = ""
+
+    @property
+    def labels(self) -> list[str]:
+        return list(self.variants)
+
+    def compare_variants(self) -> dict[str, tuple[str, list[str]]]:
+        """The ``variants`` argument of :func:`unspur.compare.plan`."""
+        return {v.label: (v.method, list(v.overrides)) for v in self.variants.values()}
+
+    def asset_supervision(self, setting: str) -> int:
+        """The highest label level any asset of ``setting`` was built with (0, 1, 2)."""
+        chosen = self.settings[setting]
+        names = [n for n in [chosen.root, *chosen.uses] if n]
+        return max((ASSET_LABELS[self.assets[n].labels] for n in names), default=0)
+
+
+def _unknown(where: str, keys: list[str], allowed: tuple[str, ...], path: Path) -> None:
+    unknown = [k for k in keys if k not in allowed]
+    if unknown:
+        key = str(unknown[0])
+        raise ConfigError(
+            f"suite {path}: unknown key {where}{key!r}{did_you_mean(key, allowed)}; "
+            f"the keys there are: {', '.join(allowed)}"
+        )
+
+
+def _mapping(value: Any, what: str, path: Path) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"suite {path}: {what} must be a mapping, got {value!r}")
+    return value
+
+
+def _overrides(value: Any, what: str, path: Path) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) and "=" in v for v in value):
+        raise ConfigError(
+            f"suite {path}: {what} must be a list of key=value overrides "
+            f"(e.g. [train.epochs=2]), got {value!r}"
+        )
+    return list(value)
+
+
+def _seeds(value: Any, path: Path) -> list[int]:
+    if not isinstance(value, list) or not value:
+        raise ConfigError(f"suite {path}: seeds must be a non-empty list like [0, 1, 2]")
+    if not all(isinstance(s, int) and not isinstance(s, bool) for s in value):
+        raise ConfigError(f"suite {path}: seeds must be integers, got {value!r}")
+    if len(set(value)) != len(value):
+        raise ConfigError(f"suite {path}: seeds lists a seed twice: {value!r}")
+    return list(value)
+
+
+def load_suite(path: str | Path) -> Suite:
+    """Read and check a suite file (every method, variant, measurement and asset name)."""
+    from unspur.bench.measurements import get_measurement
+    from unspur.methods.base import get_method
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"suite file {path} does not exist")
+    try:
+        raw = load_yaml(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"suite {path} is not valid YAML: {exc}") from exc
+    raw = _mapping(raw, "the top level", path)
+    _unknown("", list(raw), TOP_KEYS, path)
+    for required in ("settings", "methods", "seeds"):
+        if not raw.get(required):
+            raise ConfigError(f"suite {path}: {required!r} is missing or empty")
+
+    assets = {}
+    for name, spec in _mapping(raw.get("assets"), "assets", path).items():
+        spec = _mapping(spec, f"assets.{name}", path)
+        _unknown(f"assets.{name}.", list(spec), ASSET_KEYS, path)
+        if not isinstance(spec.get("path"), str) or Path(spec["path"]).is_absolute():
+            raise ConfigError(
+                f"suite {path}: assets.{name}.path must be a path relative to --data-dir, "
+                f"got {spec.get('path')!r}"
+            )
+        labels = spec.get("labels", "none")
+        if labels not in ASSET_LABELS:
+            raise ConfigError(
+                f"suite {path}: assets.{name}.labels={labels!r} is not one of "
+                f"{', '.join(ASSET_LABELS)}{did_you_mean(str(labels), ASSET_LABELS)}"
+            )
+        assets[name] = Asset(str(name), spec["path"], labels, str(spec.get("what", "")))
+
+    settings = {}
+    for name, spec in _mapping(raw["settings"], "settings", path).items():
+        spec = _mapping(spec, f"settings.{name}", path)
+        _unknown(f"settings.{name}.", list(spec), SETTING_KEYS, path)
+        uses = spec.get("uses") or []
+        for asset in [spec.get("root"), *uses]:
+            if asset is not None and asset not in assets:
+                raise ConfigError(
+                    f"suite {path}: settings.{name} reads asset {asset!r}, which the suite's "
+                    f"assets do not name{did_you_mean(str(asset), assets)}; add it under assets"
+                )
+        settings[str(name)] = Setting(
+            str(name),
+            _overrides(spec.get("set"), f"settings.{name}.set", path),
+            spec.get("root"),
+            list(uses),
+            str(spec.get("note", "")),
+        )
+
+    methods = raw["methods"]
+    if isinstance(methods, list):
+        methods = {m: None for m in methods}
+    variants = {}
+    for label, spec in _mapping(methods, "methods", path).items():
+        spec = _mapping(spec, f"methods.{label}", path)
+        _unknown(f"methods.{label}.", list(spec), METHOD_KEYS, path)
+        method = spec.get("method", label)
+        try:
+            get_method(str(method))
+        except ConfigError as exc:
+            where = "method" if "method" in spec else "a method name or a variant with a method"
+            raise ConfigError(f"suite {path}: methods.{label}: {where}: {exc}") from None
+        overrides = _overrides(spec.get("set"), f"methods.{label}.set", path)
+        if any(o.split("=", 1)[0].strip() == "method.name" for o in overrides):
+            raise ConfigError(
+                f"suite {path}: methods.{label}.set sets method.name; name the method with "
+                f"`method: NAME` instead"
+            )
+        variants[str(label)] = Variant(
+            str(label),
+            str(method),
+            overrides,
+            str(spec.get("oracle", "")),
+            str(spec.get("note", "")),
+        )
+    if "erm" in variants and variants["erm"].method != "erm":
+        raise ConfigError(f"suite {path}: methods.erm must be ERM itself (the paired reference)")
+
+    measurements = raw.get("measurements") or []
+    if not isinstance(measurements, list):
+        raise ConfigError(f"suite {path}: measurements must be a list of names")
+    for name in measurements:
+        try:
+            get_measurement(str(name))
+        except ConfigError as exc:
+            raise ConfigError(f"suite {path}: measurements: {exc}") from None
+
+    return Suite(
+        name=path.stem,
+        path=path,
+        description=str(raw.get("description", "")),
+        seeds=_seeds(raw["seeds"], path),
+        seeds_note=str(raw.get("seeds_note", "")),
+        overrides=_overrides(raw.get("set"), "set", path),
+        settings=settings,
+        variants=variants,
+        assets=assets,
+        measurements=[str(m) for m in measurements],
+        notes=str(raw.get("notes", "")),
+    )
+
+
+def oracle_mark(variant: Variant, config: Any) -> str:
+    """The oracle inputs a run is given: the suite's ``oracle:`` text, else one the
+    method's options imply (MaC with ``saliency: ground_truth``), else ``""``."""
+    if variant.oracle:
+        return variant.oracle
+    options = config.method.options or {}
+    for (method, key, value), mark in ORACLE_OPTIONS.items():
+        if config.method.name == method and options.get(key) == value:
+            return mark
+    return ""
+
+
+def pipeline_symbol(method_symbol: str, asset_level: int) -> str:
+    """The supervision of the whole pipeline: the method's, raised to what its assets saw."""
+    level = SYMBOLS.index(method_symbol) if method_symbol in SYMBOLS else 0
+    return SYMBOLS[max(level, asset_level)]

@@ -1,0 +1,199 @@
+"""`unspur bench`: suite files, resumable runs with exact invalidation, measurements,
+provenance, and no absolute machine path in anything committed under bench/ or configs/."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import helpers
+import pytest
+import yaml
+
+from unspur.bench import load_suite
+from unspur.bench.measurements import MEASUREMENTS, get_measurement, measure, register
+from unspur.bench.provenance import machine_paths
+from unspur.cli import main
+from unspur.compare import plan
+from unspur.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+DEBUG = [o for o in helpers.DEBUG if not o.startswith("train.epochs")] + ["train.epochs=1"]
+
+
+def write_suite(path: Path, methods: dict, **extra) -> Path:
+    suite = {
+        "description": "test suite",
+        "seeds": [0, 1],
+        "set": DEBUG,
+        "settings": {"tiny": {"set": ["data.options.bias=0.9"]}},
+        "methods": methods,
+        "measurements": ["timing"],
+        **extra,
+    }
+    path.write_text(yaml.safe_dump(suite, allow_unicode=True, sort_keys=False))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        ({"seedz": [0]}, "'seedz'"),
+        ({"methods": {"ermm": None}}, "'ermm'"),
+        ({"methods": {"mac_x": {"method": "macc"}}}, "'macc'"),
+        ({"methods": {"mac_x": {"method": "mac", "sett": []}}}, "methods.mac_x.'sett'"),
+        ({"measurements": ["timingg"]}, "'timingg'"),
+        ({"settings": {"a": {"root": "mnist"}}}, "'mnist'"),
+        ({"settings": {"a": {"sett": []}}}, "settings.a.'sett'"),
+        ({"methods": {"x": {"method": "erm", "set": ["method.name=jtt"]}}}, "method.name"),
+        ({"assets": {"g": {"path": "/abs/g"}}}, "assets.g.path"),
+    ],
+)
+def test_suite_errors_name_the_key(tmp_path, change, named):
+    path = write_suite(tmp_path / "s.yaml", {"erm": None})
+    values = yaml.safe_load(path.read_text())
+    values.update(change)
+    path.write_text(yaml.safe_dump(values))
+    with pytest.raises(ConfigError, match=named.replace(".", r"\.").replace("'", "'")) as info:
+        load_suite(path)
+    assert str(path) in str(info.value)
+
+
+def test_a_bad_override_fails_before_anything_trains_and_the_cli_exits_2(tmp_path, capsys):
+    path = write_suite(
+        tmp_path / "s.yaml", {"erm": None, "jtt_x": {"method": "jtt", "set": ["train.lrr=1"]}}
+    )
+    work = tmp_path / "work"
+    argv = ["bench", str(path), "--out", str(tmp_path / "out"), "--work", str(work)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "train.lrr" in err and "jtt_x" in err and "tiny" in err
+    assert not work.exists() and not (tmp_path / "out").exists()
+
+
+def test_plan_runs_variants_in_their_own_fingerprinted_directories(tmp_path):
+    variants = {"dfr_b": ("dfr_val", ["method.options.num_retrains=2"])}
+    runs = plan({}, ["dfr_b"], [0], [], tmp_path, variants, True)
+    (erm, _, erm_config, erm_dir), (label, _, config, run_dir) = runs
+    assert (erm, label) == ("erm", "dfr_b")  # ERM first: the variant starts from it
+    assert config.method.name == "dfr_val" and config.method.options == {"num_retrains": 2}
+    assert run_dir.parent.name == "dfr_b" and run_dir.name.startswith("seed0-")
+    assert config.method.reference == str(erm_dir / "model")
+    again = plan({}, ["dfr_b"], [0], [], tmp_path, variants, True)
+    assert [r[3] for r in again] == [erm_dir, run_dir]  # same config, same directory
+
+
+def _stamps(work: Path) -> dict[str, int]:
+    return {
+        str(p.parent.relative_to(work)): p.stat().st_mtime_ns for p in work.glob("*/*/results.json")
+    }
+
+
+def test_bench_writes_tables_resumes_and_reruns_exactly_what_changed(tmp_path, capsys):
+    methods = {"erm": None, "groupdro": None, "dfr_val": None}
+    (tmp_path / "suites").mkdir()
+    path = write_suite(tmp_path / "suites" / "mini.yaml", methods)
+    out, work = tmp_path / "results" / "mini", tmp_path / "work"
+    argv = ["bench", str(path), "--work", str(work), "--threads", "1"]
+    assert main(argv) == 0
+    assert "table:" in capsys.readouterr().out
+    md = (out / "tiny.md").read_text()
+    # provenance: the command from a fresh clone (relative), commit, libraries, threads,
+    # wall and CPU time, machine
+    assert "`unspur bench mini.yaml --data-dir ../shared/data --threads 1`" in md
+    for field in ("- commit:", "torch ", "- threads: ", "run CPU time", "- machine: ", "cores"):
+        assert field in md
+    record = json.loads((out / "provenance.json").read_text())
+    assert {"command", "git", "versions", "threads", "cost", "machine"} <= set(record)
+    assert record["cost"]["runs"] == 6 and record["cost"]["trained by this invocation"] == 6
+    assert not machine_paths(md) and not machine_paths((out / "tiny_runs.csv").read_text())
+    rows = list(csv.DictReader((out / "tiny.csv").open()))
+    assert [r["method"] for r in rows] == ["erm", "groupdro", "dfr_val"]
+    assert [r["supervision (pipeline)"] for r in rows] == ["✓", "✓✓", "✓"]
+    assert all(r["n"] == "2" and "±" in r["wall s"] for r in rows)
+    assert rows[2]["worst-group vs ERM (paired, 95% CI)"].count("[") == 1
+    runs = list(csv.DictReader((out / "tiny_runs.csv").open()))
+    assert len(runs) == 6 and all(float(r["CPU s"]) > 0 for r in runs)
+    first = _stamps(work / "tiny")
+    assert len(first) == 6
+
+    # Unchanged: nothing trains again.
+    assert main(argv) == 0
+    assert capsys.readouterr().out.count("finished earlier, skipped") == 6
+    assert _stamps(work / "tiny") == first
+    assert (
+        json.loads((out / "provenance.json").read_text())["cost"]["trained by this invocation"] == 0
+    )
+
+    # A changed option of one method reruns that method only.
+    methods["groupdro"] = {"set": ["method.options.eta=0.05"]}
+    write_suite(path, methods)
+    assert main(argv) == 0
+    now = _stamps(work / "tiny")
+    new = sorted(set(now) - set(first))
+    assert [k.split("/")[0] for k in new] == ["groupdro", "groupdro"]
+    assert all(now[k] == first[k] for k in first)
+
+    # A changed ERM reruns ERM and the method that reuses it (DFR), not GroupDRO.
+    methods["erm"] = {"set": ["train.lr=0.02"]}
+    write_suite(path, methods)
+    assert main(argv) == 0
+    latest = _stamps(work / "tiny")
+    assert sorted({k.split("/")[0] for k in set(latest) - set(now)}) == ["dfr_val", "erm"]
+
+
+def test_measurement_registry(tmp_path):
+    assert {"timing", "mac_mask_quality", "mac_search", "head_epoch_cost"} <= set(MEASUREMENTS)
+    with pytest.raises(ConfigError, match="'timing'"):
+        get_measurement("timng")
+
+    @register("test_constant")
+    def constant(run_dir, results):
+        return {"constant": 3.0, "seed seen": results["seed"]}
+
+    try:
+        with pytest.raises(ValueError, match="twice"):
+            register("test_constant")(constant)
+        run = tmp_path / "run"
+        (run / "mac").mkdir(parents=True)
+        (run / "cost.json").write_text(json.dumps({"cpu_seconds": 2.5, "wall_seconds": 3.0}))
+        (run / "mac" / "mask_quality.csv").write_text(
+            "group,name,n,saliency_fg,saliency_bg,mask_fg,mask_bg\n"
+            "0,a,3,0.9,0.1,0.8,0.2\n-1,all,6,0.7,0.3,0.6,0.4\n"
+        )
+        (run / "mac" / "search.json").write_text(json.dumps({"alpha": 1.0, "beta": 4.0}))
+        results = {"seed": 7, "wall_seconds": 3.5, "stages": []}
+        columns = measure(
+            ["timing", "mac_mask_quality", "mac_search", "test_constant"], run, results
+        )
+        assert columns["wall s"] == 3.5 and columns["CPU s"] == 2.5
+        assert (columns["mask_fg"], columns["mask_bg"]) == (0.6, 0.4)  # the "all" row
+        assert (columns["alpha"], columns["beta"]) == ("1", "4")
+        assert (columns["constant"], columns["seed seen"]) == (3.0, 7)
+        assert measure(["mac_mask_quality"], tmp_path, results) == {}  # not a MaC run
+    finally:
+        MEASUREMENTS.pop("test_constant")
+
+
+def test_oracle_inputs_are_marked(tmp_path):
+    path = write_suite(
+        tmp_path / "s.yaml",
+        {
+            "erm": None,
+            "mac_gt": {"method": "mac", "set": ["method.options.saliency=ground_truth"]},
+            "mac_named": {"method": "mac", "oracle": "hand-drawn masks"},
+        },
+    )
+    from unspur.bench.suite import oracle_mark
+
+    suite = load_suite(path)
+    configs = {
+        label: config
+        for label, _, config, _ in plan(
+            {}, suite.labels, [0], [], tmp_path, suite.compare_variants()
+        )
+    }
+    assert oracle_mark(suite.variants["erm"], configs["erm"]) == ""
+    assert oracle_mark(suite.variants["mac_gt"], configs["mac_gt"]) == "exact object masks"
+    assert oracle_mark(suite.variants["mac_named"], configs["mac_named"]) == "hand-drawn masks"
