@@ -311,9 +311,7 @@ def readable(name: str) -> bool:
     """Whether a class / attribute name can go into a prompt as it is: not a reader's
     internal name such as "not Male" or "child (age<=10)"."""
     text = str(name).strip()
-    return bool(text) and not (
-        text.lower().startswith("not ") or any(ch in text for ch in "()<>=") or text[0].isdigit()
-    )
+    return bool(text) and not (text.lower().startswith("not ") or any(ch in text for ch in "()<>="))
 
 
 def prompt_words(choice: Any, dataset: str) -> dict[str, Any]:
