@@ -334,6 +334,8 @@ def test_ffr_table2_preset_and_the_lr_search_protocol(tmp_path, domain_model):
     assert results["stages"] == ["ffr/pretrain/lr_0.01", "ffr/pretrain/lr_0.001",
                                  "ffr/finetune/lr_0.01/erm", "ffr/finetune/lr_0.001/erm"]  # fmt: skip
     info = json.loads((tmp_path / "search" / "ffr" / "budget.json").read_text())
+    saved = json.loads((tmp_path / "search" / "results.json").read_text())
+    assert saved["method_record"]["lr_search"] == info["lr_search"]  # in the results
     for search, key in zip(info["lr_search"], ("stage1", "stage2")):
         trials = search["trials"]
         assert [t["lr"] for t in trials] == [0.01, 0.001]

@@ -354,6 +354,15 @@ def run(config: RunConfig, out_dir: str | Path, *, force: bool = False) -> dict[
             "metrics": {split: m.to_dict() for split, m in metrics.items()},
             "reference": _evaluate_reference(config, out_dir, prepared, method_cls.name),
             "stages": list(context.stages),
+            # A method's own record (FFR's training presets and lr search, CDB's plans).
+            "method_record": next(
+                (
+                    h[method_cls.name]
+                    for h in reversed(fit_result.history)
+                    if isinstance(h, dict) and method_cls.name in h
+                ),
+                None,
+            ),
             "definitions": DEFINITIONS,
             "data": {
                 "group_counts": table.counts().reset_index().to_dict(orient="records"),
