@@ -282,7 +282,11 @@ def ddim_sample_with_h(
     norm: SlerpNorm = "first",
     clip_sample: bool = False,
 ) -> torch.Tensor:
-    """DDIM from ``latents`` (the targets' ``x_T``) with content h injected (DiffInject).
+    """DDIM from ``latents`` (the targets' ``x_T``) with content h injected at every step.
+
+    A general h-space injection; DiffInject's own process (content h from the content's
+    inversion, the replace grid, eta and ``dt_lambda`` as its official code) is
+    :func:`diffstyle_sample`.
 
     The content comes from ``source_latents`` (the content images' ``x_T``, usually
     from :func:`~unspur.generate.ddpm.ddim_invert` with the same ``steps``; one per

@@ -385,6 +385,7 @@ def inject_content(
         InjectionSchedule,
         diffstyle_sample,
         invert_with_h,
+        nearest_timestep,
         official_timesteps,
     )
 
@@ -397,7 +398,9 @@ def inject_content(
         dt_end=dt_end,
     )
     if content_h is None:
-        _, content_h = invert_with_h(unet, scheduler, content, steps=inv_steps)
+        keys = official_timesteps(inv_steps)[:-1]
+        needed = {nearest_timestep(keys, t) for t in schedule.inject}
+        _, content_h = invert_with_h(unet, scheduler, content, steps=inv_steps, record_at=needed)
     x_style = ddim_invert(unet, scheduler, style, timesteps=official_timesteps(inv_steps))
     return diffstyle_sample(
         unet,
