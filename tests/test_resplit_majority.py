@@ -77,7 +77,7 @@ def test_an_ambiguous_direction_is_an_error_that_says_how_to_declare_it() -> Non
 
 
 def test_utkface_presets_and_explicit_declarations() -> None:
-    # FFR's official make_harder: each class keeps its largest group (adults, twice).
+    # The official make_harder function: each class keeps its largest group (adults, twice).
     ffr = resplit_bias(utkface_table(), 0.999, rule="largest").counts()["train"]
     assert ffr.tolist() == [10, 10263, 9, 8849]
     cdb = majority_attributes(utkface_table({"majority_attr": ["child", "adult"]}))
@@ -110,7 +110,19 @@ def test_utkface_reader_presets_and_the_cdb_original_split(tmp_path) -> None:
     counts = table.counts()["train"].tolist()
     assert counts == [934, 103, 636, 5730]  # Clustered DreamBooth A.3
     assert table.info["majority_attr"] == ["child", "adult"]
-    ffr = load_dataset("utkface", tmp_path, majority="ffr")
-    assert majority_attributes(ffr) == {0: 1, 1: 1}
+    ffr = load_dataset("utkface", tmp_path, majority="ffr")  # the FFR release's splits
+    assert majority_attributes(ffr) == {0: 0, 1: 1}
     with pytest.raises(ConfigError, match="preset"):
         load_dataset("utkface", tmp_path, majority="balanced")
+
+
+def test_utkface_official_ffr_ages(tmp_path) -> None:
+    folder = tmp_path / "UTKFace"
+    folder.mkdir()
+    for index, age in enumerate([3, 5, 8, 25, 50, 60, 15]):
+        (folder / f"{age}_{index % 2}_0_2017{index:06d}.jpg.chip.jpg").touch()
+    table = load_dataset("utkface", tmp_path, child_max_age=5, adult_max_age=50)
+    assert sorted(table.frame["age"]) == [3, 5, 25, 50]
+    assert table.attr_names == ["child (age<=5)", "adult (age 20-50)"]
+    with pytest.raises(ConfigError, match="adult_max_age"):
+        load_dataset("utkface", tmp_path, adult_max_age=18)

@@ -87,7 +87,8 @@ def majority_attributes(
        option and their per-dataset presets);
     3. the data of ``split``. ``rule="largest"`` (``table.info["majority_rule"]``) is the
        official FFR code's ``make_harder``: each class's largest group, even when two
-       classes share it (UTKFace in FFR: adults are the majority of both genders).
+       classes share it (on UTKFace it would keep adults for both genders; the splits the
+       FFR release ships do not: see the utkface reader's ``majority: ffr``).
        ``rule="auto"`` (default) takes each class's largest group when those differ
        between classes (Waterbirds, SpuCo Animals); when classes share their largest
        attribute it takes, per class, the group largest *relative to its attribute's

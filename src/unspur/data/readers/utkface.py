@@ -32,12 +32,14 @@ from unspur.errors import ConfigError, DataError
 
 RACES = ["White", "Black", "Asian", "Indian", "Others"]
 #: Majority (bias-aligned) age of each gender for a bias-ratio resplit (target gender,
-#: bias age), in class order (male, female). ``ffr``: the official FFR code's
-#: ``make_harder`` keeps each class's largest group, adults for both genders (children
-#: are the minority of both); ``cdb``: Clustered DreamBooth A.3 / A.6, males biased
-#: towards children and females towards adults (female children and male adults are the
-#: bias-conflicting groups).
-MAJORITY_PRESETS = {"ffr": ("adult", "adult"), "cdb": ("child", "adult")}
+#: bias age), in class order (male, female). Both papers bias males towards children and
+#: females towards adults: ``ffr`` is read from the official FFR release's own splits
+#: (``data/utk_face_train_{0.9,...,0.999}.pkl``: 934 male children and 5731 female adults
+#: at every level, male adults / female children 103 / 636 at 90 % down to 1 / 6 at
+#: 99.9 %; its ``make_harder`` fallback, which would keep adults for both, did not make
+#: them); ``cdb`` is Clustered DreamBooth A.3 / A.6 (female children and male adults are
+#: the bias-conflicting groups). The same direction under two names, each citing its paper.
+MAJORITY_PRESETS = {"ffr": ("child", "adult"), "cdb": ("child", "adult")}
 #: Clustered DreamBooth A.3, the "original" UTKFace training split (90% bias): images
 #: per group (y, a) in group order (male child, male adult, female child, female adult);
 #: the paper lists them as 103 male adults, 934 male children, 5730 female adults and
@@ -61,19 +63,30 @@ def parse_name(name: str) -> tuple[int, int, int] | None:
     return age, gender, race
 
 
-def _names(attribute: str, child_max_age: int, adult_min_age: int) -> list[str]:
+def _names(
+    attribute: str, child_max_age: int, adult_min_age: int, adult_max_age: int | None = None
+) -> list[str]:
     if attribute == "gender":
         return ["male", "female"]
     if attribute == "age":
-        return [f"child (age<={child_max_age})", f"adult (age>={adult_min_age})"]
+        adult = (
+            f"age>={adult_min_age}"
+            if adult_max_age is None
+            else (f"age {adult_min_age}-{adult_max_age}")
+        )
+        return [f"child (age<={child_max_age})", f"adult ({adult})"]
     return list(RACES)
 
 
-def _label(attribute: str, age: int, gender: int, race: int, child: int, adult: int):
+def _label(
+    attribute: str, age: int, gender: int, race: int, child: int, adult: int, oldest: int | None
+):
     if attribute == "gender":
         return gender
     if attribute == "race":
         return race
+    if oldest is not None and age > oldest:
+        return None
     return 0 if age <= child else 1 if age >= adult else None
 
 
@@ -88,6 +101,7 @@ def read_utkface(
     bias: str = "age",
     child_max_age: int = 10,
     adult_min_age: int = 20,
+    adult_max_age: int | None = None,
     val_fraction: float = 0.1,
     test_fraction: float = 0.2,
     seed: int = 0,
@@ -100,7 +114,8 @@ def read_utkface(
     The default (gender with an age bias) follows the seed papers: age is binary, child
     (age <= ``child_max_age``, 10) vs adult (age >= ``adult_min_age``, 20), and the ages
     in between are dropped (counted in ``info["dropped_by_age"]``) whenever age is the
-    target or the bias.
+    target or the bias. ``adult_max_age`` also drops older adults: the official FFR code
+    uses child <= 5 and adults 20-50 (``child_max_age: 5, adult_max_age: 50``).
 
     ``root`` is a folder holding ``archive`` (``UTKFace.tar.gz``), a folder holding
     ``UTKFace/`` or the images, or the archive itself. UTKFace has no official split: a
@@ -129,6 +144,11 @@ def read_utkface(
             )
     if target == bias:
         raise ConfigError(f"dataset 'utkface': target and bias are both {target!r}; pick two")
+    if adult_max_age is not None and adult_max_age < adult_min_age:
+        raise ConfigError(
+            f"dataset 'utkface': adult_max_age={adult_max_age} is below "
+            f"adult_min_age={adult_min_age}"
+        )
     if child_max_age >= adult_min_age:
         raise ConfigError(
             f"dataset 'utkface': child_max_age={child_max_age} must be below "
@@ -169,8 +189,8 @@ def read_utkface(
             malformed.append(name)
             continue
         age, gender, race = parsed
-        y = _label(target, age, gender, race, child_max_age, adult_min_age)
-        a = _label(bias, age, gender, race, child_max_age, adult_min_age)
+        y = _label(target, age, gender, race, child_max_age, adult_min_age, adult_max_age)
+        a = _label(bias, age, gender, race, child_max_age, adult_min_age, adult_max_age)
         if y is None or a is None:
             dropped += 1
             continue
@@ -203,8 +223,8 @@ def read_utkface(
     return GroupTable(
         frame=frame,
         store=store,
-        class_names=_names(target, child_max_age, adult_min_age),
-        attr_names=_names(bias, child_max_age, adult_min_age),
+        class_names=_names(target, child_max_age, adult_min_age, adult_max_age),
+        attr_names=_names(bias, child_max_age, adult_min_age, adult_max_age),
         name="utkface",
         info=info,
     )
@@ -224,7 +244,7 @@ def _majority_info(majority: Any, target: str, bias: str) -> dict[str, Any]:
                 f"dataset 'utkface': majority preset {majority!r} is for target gender, bias "
                 f"age (not {target}/{bias}); give one bias value per class instead"
             )
-        source = {"ffr": "official FFR code (make_harder)", "cdb": "Clustered DreamBooth A.3"}
+        source = {"ffr": "official FFR splits", "cdb": "Clustered DreamBooth A.3"}
         return {
             "majority_attr": list(MAJORITY_PRESETS[majority]),
             "majority_source": f"utkface preset {majority!r} ({source[majority]})",
