@@ -40,8 +40,9 @@ PARTITIONS = {0: "train", 1: "val", 2: "test"}
 #: non-blond females from non-blond male models": blond -> women, non-blond -> men; the
 #: group_DRO minority is blond men). Smiling/Male: the official FFR code's rule
 #: (``datasets/celeba.py``: the smaller group of the positive class is its minority and
-#: the negative class takes the other bias value as minority): women outnumber men among
-#: the smiling faces of CelebA-HQ, so Smiling -> women, not Smiling -> men.
+#: the negative class takes the other bias value as minority), and the release's own
+#: splits (``data/celeba_Smiling_train_*.pkl``, read without unpickling: 5335 not-smiling
+#: men and 7797 smiling women kept at every level): Smiling -> women, not Smiling -> men.
 MAJORITY_PRESETS: dict[tuple[str, str], tuple[str, str]] = {
     ("Blond_Hair", "Male"): ("Male", "not Male"),
     ("Smiling", "Male"): ("Male", "not Male"),
