@@ -16,8 +16,9 @@ name    recipe                                                                 s
 ======  =====================================================================  ====
 
 "None" (no synthetic data) is the registry's plain methods: ``erm``, ``resample_group``,
-``groupdro``, ``dfr_val``. ``train_method`` names one of those (the paper's four; any
-registered method but these three works) and runs *that method's own code*
+``groupdro``, ``dfr_val``; ``ffr_none`` runs them with FFR's training settings (Adam,
+no scheduler or augmentation, Table 2's None rows with ``preset``). ``train_method``
+names one of those (the paper's four; any registered method but these works) and runs *that method's own code*
 (:meth:`Method.run`) on a :class:`RunContext` whose training set and model factory are
 swapped: for FFR the factory returns the stage-1 model (its selected weights, loaded
 strictly), for USB/ASB a fresh model and the merged real + synthetic set.
