@@ -58,8 +58,9 @@ def _resnet_builder(depth: int) -> Builder:
         small_images: bool = False,
         in_channels: int = 3,
         zero_init_residual: bool = False,
+        width: int = 64,
     ) -> Classifier:
-        model = ResNet(depth, n_classes, small_images, in_channels, zero_init_residual)
+        model = ResNet(depth, n_classes, small_images, in_channels, zero_init_residual, width)
         if pretrained:
             load_imagenet_weights(model, pretrained)
         return model

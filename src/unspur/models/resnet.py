@@ -7,7 +7,10 @@ saved as ``.pth`` or ``.safetensors`` loads with :func:`load_imagenet_weights`. 
 model's own ``fc`` is the :class:`~unspur.models.base.Classifier` head.
 
 ``small_images=True`` swaps the stem for the CIFAR one (3x3 conv, stride 1, no max-pool)
-used by LfF / DiffInject for 28-32 px images.
+used by LfF / DiffInject for 28-32 px images. ``width`` scales every stage (torchvision's
+64, 128, 256, 512 for the default 64; ``width=16`` gives 16, 32, 64, 128) with the same
+keys, so a narrow ResNet-18 such as the shipped ``unspur:cifar10-resnet18`` backbone keeps
+torchvision's layout at a CPU-sized cost (our choice, not a torchvision option).
 """
 
 from __future__ import annotations
@@ -102,6 +105,8 @@ class ResNet(Classifier):
         small_images: CIFAR stem (3x3 conv1, stride 1, no max-pool) for 28-64 px inputs.
         in_channels: input channels (3 for RGB; ImageNet weights need 3).
         zero_init_residual: start each residual branch's last BN at zero (init only).
+        width: channels of the stem and the first stage (64 in torchvision); the stages
+            have ``width * (1, 2, 4, 8)`` channels. ImageNet weights need 64.
     """
 
     head_name = "fc"
@@ -114,31 +119,38 @@ class ResNet(Classifier):
         small_images: bool = False,
         in_channels: int = 3,
         zero_init_residual: bool = False,
+        width: int = 64,
     ) -> None:
         super().__init__()
         if depth not in RESNET_LAYOUTS:
             raise ConfigError(
                 f"unknown ResNet depth {depth}; choose one of {sorted(RESNET_LAYOUTS)}"
             )
+        if isinstance(width, bool) or not isinstance(width, int) or width < 1:
+            raise ConfigError(
+                f"ResNet width must be a positive integer (64 = torchvision), got {width!r}"
+            )
         block, layers = RESNET_LAYOUTS[depth]
         self.arch = f"resnet{depth}"
         self.options = {"small_images": bool(small_images), "in_channels": int(in_channels)}
-        self.inplanes = 64
+        if width != 64:  # recorded only when not torchvision's, so old specs stay equal
+            self.options["width"] = int(width)
+        self.inplanes = width
         if small_images:
-            self.conv1 = nn.Conv2d(in_channels, 64, 3, stride=1, padding=1, bias=False)
+            self.conv1 = nn.Conv2d(in_channels, width, 3, stride=1, padding=1, bias=False)
         else:
-            self.conv1 = nn.Conv2d(in_channels, 64, 7, stride=2, padding=3, bias=False)
-        self.bn1 = nn.BatchNorm2d(64)
+            self.conv1 = nn.Conv2d(in_channels, width, 7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool: nn.Module = (
             nn.Identity() if small_images else nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
         )
-        self.layer1 = self._make_layer(block, 64, layers[0])
-        self.layer2 = self._make_layer(block, 128, layers[1], stride=2)
-        self.layer3 = self._make_layer(block, 256, layers[2], stride=2)
-        self.layer4 = self._make_layer(block, 512, layers[3], stride=2)
+        self.layer1 = self._make_layer(block, width, layers[0])
+        self.layer2 = self._make_layer(block, 2 * width, layers[1], stride=2)
+        self.layer3 = self._make_layer(block, 4 * width, layers[2], stride=2)
+        self.layer4 = self._make_layer(block, 8 * width, layers[3], stride=2)
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
-        self.fc = nn.Linear(512 * block.expansion, n_classes)
+        self.fc = nn.Linear(8 * width * block.expansion, n_classes)
 
         # torchvision's initialisation (fc keeps nn.Linear's default).
         for m in self.modules():
@@ -169,7 +181,7 @@ class ResNet(Classifier):
         return nn.Sequential(*layers)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """Stem, four stages, global average pool, flatten: ``(B, 512 * expansion)``."""
+        """Stem, four stages, global average pool, flatten: ``(B, 8 * width * expansion)``."""
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         return torch.flatten(self.avgpool(x), 1)
