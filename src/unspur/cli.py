@@ -408,6 +408,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seeds", "--seed", default=None, help=f"default {QUICK.seeds}")
     demo.add_argument("--set", action="append", default=[], metavar="[METHOD:]KEY=VALUE")
     demo.set_defaults(func=cmd_demo)
+
+    from unspur.pretrain.cli import add_pretrain_parser
+
+    add_pretrain_parser(commands)
     return parser
 
 
