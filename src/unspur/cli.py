@@ -26,10 +26,18 @@ def _print_results(results: dict) -> None:
         metrics = GroupMetrics(**{**values, "groups": rows})
         print(format_metrics(metrics, f"{split}:"))
     sup = results["supervision"]
+    selection = results["selection"]
+    # Epochs count from 1; epoch 0 means no epoch was chosen (e.g. a last-layer fit such as
+    # DFR's logistic regression, whose own choice of C is in the run's report).
+    chosen = (
+        f"epoch {selection['best_epoch']}"
+        if selection.get("best_epoch")
+        else "no epochs to choose from: a closed-form or last-layer fit"
+    )
     print(
         f"supervision: {sup['symbol']} (train group labels: {sup['train_group_labels']}, "
         f"val group labels: {sup['val_group_labels']}); selection: "
-        f"{results['selection']['rule']} (epoch {results['selection']['best_epoch']})"
+        f"{selection['rule']} ({chosen})"
     )
 
 
@@ -229,6 +237,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
         seeds=parse_seeds(args.seeds) if args.seeds else None,
         only=parse_list(args.only, "--only") if args.only else None,
         threads=args.threads,
+        check=args.check,
     )
     for path in written:
         print(f"table: {path}")
@@ -373,6 +382,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--only", default=None, help="comma-separated setting names")
     bench.add_argument(
         "--threads", type=int, default=None, help="torch CPU threads per run (train.threads)"
+    )
+    bench.add_argument(
+        "--check", action="store_true", help="check the suite and every config; train nothing"
     )
     bench.set_defaults(func=cmd_bench)
 

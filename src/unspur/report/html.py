@@ -355,7 +355,7 @@ def render_compare_report(out_dir: str | Path, summary: dict[str, Any]) -> str:
         f"<h1>{escape(title)}</h1>",
         f"<p>dataset <b>{escape(str(summary.get('dataset', '?')))}</b>; seeds "
         f"{escape(', '.join(str(s) for s in summary.get('seeds', [])))}; test split, "
-        "percentages, mean ± std over seeds.</p>",
+        "percentages, mean ± sample std (ddof = 1) over the seeds; n per row.</p>",
         "<h2>Results</h2>",
     ]
     header = list(rows[0]) if rows else []
