@@ -59,7 +59,8 @@ EXTERNAL = [
 #: CPU stand-in: 100 LoRA steps do not bind the group's background to [V], so the
 #: identifier prompt names it (the paper's template is "photo of a {identifier} {class}").
 IDENTIFIER = "photo of a {identifier} {class} on {bias}"
-FFR_EXTERNAL = Path("/tmp/unspur_bench_ffr/domain_model_external")
+#: The external generator bench/ffr.py trains (same config and data), reused when present.
+FFR_EXTERNAL = Path("runs/bench/ffr/domain_model_external")
 #: The seed paper's UTKFace 0.999 worst-group accuracies (Table 1), for reference.
 PAPER = {"erm": 31.0, "groupdro": 30.5, "clustered_dreambooth": 60.5}
 
@@ -76,7 +77,7 @@ def arguments() -> argparse.Namespace:
         "--baseline-seeds", default=None, help="seeds for groupdro (erm runs every seed)"
     )
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--work", type=Path, default=Path("/tmp/unspur_bench_cdb2"))
+    parser.add_argument("--work", type=Path, default=Path("runs/bench/clustered_dreambooth"))
     parser.add_argument("--domain", type=Path, default=None)
     parser.add_argument("--n-per-group", type=int, default=160)
     parser.add_argument("--gen-steps", type=int, default=15)

@@ -3,9 +3,10 @@
 For every seed ERM is trained first; every DBB variant starts from that ERM model
 (``method.reference``), so the comparison is paired. The generator is a domain model
 (:func:`unspur.generate.domain.train_domain_model`) trained on the benchmark's biased
-training images: ``--domain DIR`` names one, else ``/work/cache/domain_synthetic`` when it
-holds a finished model, else one is trained with the default config in
-``--work/domain_<config hash>`` (an hour or more on one thread). DBB's options are those
+training images: ``--domain DIR`` names one, else one is trained with the default config
+in ``--work/domain_<config hash>`` (an hour or more on one thread; ``--work`` defaults to
+``runs/bench/dbb``, inside the checkout). A generator cached outside the repository is
+never picked up: the recorded ``dbb.md`` used one, which is why it cannot be regenerated. DBB's options are those
 of ``configs/synthetic_dbb.yaml`` (exact object masks, K = 250 per class, 300 inversion
 steps); ``--set key=value`` changes one. Variants (``--variants``; :data:`VARIANTS`):
 ``both`` (the paper's pruning), ``none`` (no pruning), ``psi`` / ``rho`` (one condition),
@@ -40,7 +41,6 @@ from common import SYNTHETIC, markdown, row, write_results  # noqa: E402
 REPO = Path(__file__).resolve().parent.parent
 SETTING = "synthetic-99"
 BASE = SYNTHETIC + ["data.options.bias=0.99"]
-CACHED_DOMAIN = Path("/work/cache/domain_synthetic")
 #: name -> (dbb options that differ from the config, what it reuses). ``"X"`` reuses run
 #: X's tokens and generated candidates (only retraining runs), ``"X:tokens"`` its tokens.
 VARIANTS: dict[str, tuple[dict, str | None]] = {
@@ -59,7 +59,7 @@ def arguments() -> argparse.Namespace:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--variants", default="both,none,psi,rho,box,box_none")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--work", type=Path, default=Path("/tmp/unspur_bench_dbb"))
+    parser.add_argument("--work", type=Path, default=Path("runs/bench/dbb"))
     parser.add_argument("--domain", type=Path, default=None, help="a trained domain model dir")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--stem", default="dbb")
@@ -88,8 +88,6 @@ def domain_model(args) -> tuple[Path, str]:
 
     if args.domain is not None:
         return args.domain, f"given ({args.domain}; {describe_domain(args.domain)})"
-    if (CACHED_DOMAIN / "domain.json").is_file():
-        return CACHED_DOMAIN, f"cached ({CACHED_DOMAIN}; {describe_domain(CACHED_DOMAIN)})"
     table = prepare_table(load_config(None, BASE))
     config = DomainModelConfig()
     # One folder per default config, so a change of the defaults trains a new model.

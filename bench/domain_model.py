@@ -44,7 +44,7 @@ from unspur.train.loop import fit
 def arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
-    parser.add_argument("--work", type=Path, default=Path("/tmp/unspur_bench_domain_model"))
+    parser.add_argument("--work", type=Path, default=Path("runs/bench/domain_model"))
     parser.add_argument("--data-root", type=Path, default=None, help="unused (synthetic)")
     parser.add_argument("--n-train", type=int, default=4000)
     parser.add_argument("--bias", type=float, default=0.95)

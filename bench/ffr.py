@@ -10,8 +10,7 @@ generator, and on UTKFace (gender target, age bias) when ``--data-dir`` holds it
 generator learns from).
 
 The generator (:mod:`unspur.generate.domain`): ``--domain DIR`` names a trained domain
-model; else ``/work/cache/domain_synthetic`` when it holds one for this benchmark; else
-one is trained with the default config in ``--work/domain_model`` on the synthetic-99
+model; else one is trained with the default config in ``--work/domain_model`` on the synthetic-99
 training split (about an hour on one thread). Every synthetic method of every seed
 draws from ONE pool of generated images (``--work/pool``, generation seed 0): USB, ASB
 and FFR use the first images of each group of that pool, as the official loaders use
@@ -52,7 +51,6 @@ from common import (  # noqa: E402
     write_results,
 )
 
-CACHED_DOMAIN = Path("/work/cache/domain_synthetic")
 #: The shared CPU base with the paper's optimiser (Adam) for every run.
 BASE = SYNTHETIC + ["train.optimizer=adam", "train.lr=0.001", "train.weight_decay=0"]
 #: UTKFace on CPU: the benchmark's own universe (see utkface_universe), read as a CSV.
@@ -111,7 +109,7 @@ def arguments() -> argparse.Namespace:
     parser.add_argument("--augment", default="none,usb,asb,ffr")
     parser.add_argument("--train-methods", default="erm,groupdro")
     parser.add_argument("--domain", type=Path, default=None, help="a trained domain model dir")
-    parser.add_argument("--work", type=Path, default=Path("/tmp/unspur_bench_ffr"))
+    parser.add_argument("--work", type=Path, default=Path("runs/bench/ffr"))
     parser.add_argument("--steps", type=int, default=25, help="DDIM steps per image")
     parser.add_argument("--judge", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--set", action="append", default=[], help="extra override, every run")
@@ -192,11 +190,11 @@ def utkface_universe(data_dir: Path, work: Path) -> Path:
 def domain_model(args, setting: str, overrides: list[str]) -> tuple[Path, str]:
     """The domain model for a setting and where it came from (the default config).
 
-    Order: ``--domain``; a model already trained in ``--work``; for the in-run synthetic
-    generator ``/work/cache/domain_synthetic``; else trained here.
+    Order: ``--domain``; a model already trained in ``--work``; else trained here (never
+    a generator cached outside the repository).
     """
     from unspur.config import load_config
-    from unspur.generate.domain import DomainModelConfig, load_domain_model, train_domain_model
+    from unspur.generate.domain import DomainModelConfig, train_domain_model
     from unspur.pipeline import prepare_table
 
     if args.domain is not None:
@@ -233,11 +231,6 @@ def domain_model(args, setting: str, overrides: list[str]) -> tuple[Path, str]:
         )
     if (args.work / name / "domain.json").is_file():
         return args.work / name, f"trained by this bench on {what}"
-    if kind == "in-run" and (CACHED_DOMAIN / "domain.json").is_file():
-        cached = load_domain_model(CACHED_DOMAIN)
-        size = cached.info.get("settings", {}).get("config", {}).get("image_size")
-        if cached.class_names == ["circle", "cross"] and size == 32:
-            return CACHED_DOMAIN, f"cached ({CACHED_DOMAIN})"
     if args.collect:  # --collect trains nothing, a generator included
         return Path(args.work / name), f"not trained yet (would be: {what})"
     table = prepare_table(load_config(None, source + ["seed=0"]))
