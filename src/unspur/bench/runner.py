@@ -86,8 +86,11 @@ def _aggregate(values: list[Any]) -> str:
         return "-"
     if all(isinstance(v, int | float) and not isinstance(v, bool) for v in present):
         array = np.asarray(present, dtype=np.float64)
-        mean = _format(float(array.mean()))
-        return f"{mean} ± {_format(float(array.std(ddof=1)))}" if array.size > 1 else mean
+        mean = float(array.mean())
+        digits = 3 if abs(mean) < 10 else 1
+        if array.size == 1:
+            return f"{mean:.{digits}f}"
+        return f"{mean:.{digits}f} ± {float(array.std(ddof=1)):.{digits}f}"
     return ", ".join(dict.fromkeys(_format(v) for v in present))
 
 
@@ -188,8 +191,11 @@ def run_setting(
 
 def _public(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [
-        {k: (_format(v) if isinstance(v, float) or v is None else v) for k, v in r.items()
-         if k[0] != "_"}  # fmt: skip
+        {
+            k: (_format(v) if isinstance(v, float) or v is None else v)
+            for k, v in r.items()
+            if k[0] != "_"
+        }  # fmt: skip
         for r in rows
     ]
 
@@ -234,7 +240,7 @@ def write_setting(
         "was given that a user would not have (e.g. exact object masks); such a row is a "
         "diagnostic, not a method. Model selection follows each method's own rule on the "
         "validation split (the `selection` column below); no choice was made on test.",
-        *([f"Seeds: {suite.seeds_note}"] if suite.seeds_note else []),
+        *(["", f"Seeds: {suite.seeds_note}"] if suite.seeds_note else []),
         "",
         markdown_table(_uniform(table)),
         "",
@@ -265,9 +271,13 @@ def run_suite(
     seeds: list[int] | None = None,
     only: list[str] | None = None,
     threads: int | None = None,
+    check: bool = False,
     log: Callable[[str], None] = print,
 ) -> list[Path]:
-    """Run a suite (resuming) and write its tables; returns the markdown files written."""
+    """Run a suite (resuming) and write its tables; returns the markdown files written.
+
+    ``check``: only read the suite and build every run's config (errors as for a real
+    run), train nothing, write nothing."""
     clock = Clock()
     suite_path = Path(suite_path)
     suite = load_suite(suite_path)
@@ -291,6 +301,10 @@ def run_suite(
             plan(base, suite.labels, seeds, [], work / name, suite.compare_variants(), True)
         except UnspurError as exc:
             raise ConfigError(f"suite {suite_path}: setting {name!r}: {exc}") from None
+    if check:
+        log(f"{suite_path}: {len(names)} setting(s) x {len(suite.labels)} method(s) x "
+            f"{len(seeds)} seed(s): every config is valid")  # fmt: skip
+        return []
     extra = []
     if seeds != suite.seeds:
         extra += ["--seeds", ",".join(map(str, seeds))]
