@@ -976,14 +976,8 @@ class _Augment(_SyntheticMethod):
             )
 
         extra: dict[str, Any] = {"source_groups": bool(options["source_groups"])}
-        if options["lr_search"]:
-            grid = presets.search_grid(options["lr_grid"])
-            model, result, extra["lr_search"] = search_learning_rate(grid, config, train_one, stage)
-            config = replace(config, lr=extra["lr_search"]["chosen_lr"])
-            sources["lr"] = "lr_search"
-        else:
-            model, result = train_one(config)
-        extra["train"] = {**_train_summary(config), "sources": sources}
+        model, result, record = train_at_chosen_lr(options, config, train_one, stage, sources)
+        extra.update(record)
         return model, result, extra
 
 
@@ -1166,18 +1160,35 @@ class FFRNone(Method):
             return model, result
 
         info: dict[str, Any] = {"method": self.name, "train_method": method}
-        if options["lr_search"]:
-            grid = presets.search_grid(options["lr_grid"])
-            model, result, info["lr_search"] = search_learning_rate(grid, config, train_one, stage)
-            config = replace(config, lr=info["lr_search"]["chosen_lr"])
-            sources["lr"] = "lr_search"
-        else:
-            model, result = train_one(config)
-        info["train"] = {**_train_summary(config), "sources": sources}
+        model, result, record = train_at_chosen_lr(options, config, train_one, stage, sources)
+        info.update(record)
         directory = context.out_dir / self.name
         directory.mkdir(parents=True, exist_ok=True)
         atomic_write_json(directory / "training.json", info)
         return model, replace(result, history=[*result.history, {self.name: info}])
+
+
+def train_at_chosen_lr(
+    options: dict[str, Any],
+    config: TrainConfig,
+    train_one: Any,
+    stage: str,
+    sources: dict[str, str],
+) -> tuple[Any, Any, dict[str, Any]]:
+    """Train once at the configured learning rate, or, with ``lr_search``, at each rate of the
+    grid keeping the best by validation worst-group accuracy (the paper's protocol, Sec. 4).
+    Returns the model, its fit result and the record (``lr_search`` trials, ``train`` summary).
+    """
+    record: dict[str, Any] = {}
+    if options["lr_search"]:
+        grid = presets.search_grid(options["lr_grid"])
+        model, result, record["lr_search"] = search_learning_rate(grid, config, train_one, stage)
+        config = replace(config, lr=record["lr_search"]["chosen_lr"])
+        sources["lr"] = "lr_search"
+    else:
+        model, result = train_one(config)
+    record["train"] = {**_train_summary(config), "sources": sources}
+    return model, result, record
 
 
 def _train_summary(config: TrainConfig) -> dict[str, Any]:
