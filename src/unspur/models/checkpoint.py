@@ -29,6 +29,7 @@ from torch import nn
 from unspur.errors import CheckpointError, ConfigError
 from unspur.io import atomic_write_with
 from unspur.models.base import Classifier
+from unspur.models.shipped import is_shipped_name, shipped_hint, shipped_weights
 
 logger = logging.getLogger(__name__)
 
@@ -106,8 +107,12 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     ``.pth`` files are read with ``torch.load(weights_only=True)``: tensors only, no
     arbitrary code. A dict wrapping the state dict under ``state_dict``/``model`` is
     unwrapped and a DataParallel ``module.`` prefix is stripped. A directory holding a
-    ``model.safetensors`` (an unspur checkpoint) is accepted too.
+    ``model.safetensors`` (an unspur checkpoint) is accepted too, and so is the name of
+    a backbone shipped with unspur, ``unspur:<name>`` (see :mod:`unspur.models.shipped`).
     """
+    if is_shipped_name(path):
+        with shipped_weights(str(path)) as shipped:
+            return read_state_dict(shipped)
     path = Path(path).expanduser()
     if path.is_dir() and (path / WEIGHTS_FILE).is_file():
         path = path / WEIGHTS_FILE
@@ -220,7 +225,12 @@ def load_backbone_weights(
     1000-class ImageNet ``fc``) is loaded only when its shape equals the model's head;
     otherwise the model keeps its freshly initialised head and the report says so.
     Missing ``num_batches_tracked`` counters (old torchvision files) are tolerated.
+    ``path`` may name a shipped backbone, ``unspur:<name>``; a mismatch then says which
+    arch and options the model needs (instead of ``hint``). fp16 files load into the
+    model's fp32 parameters.
     """
+    if is_shipped_name(path):
+        hint = shipped_hint(str(path))
     state = read_state_dict(path)
     prefix = model.head_name + "."
     current = model.state_dict()

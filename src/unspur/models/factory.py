@@ -5,8 +5,9 @@ as strings and checkpoints rebuild them from ``model.json``. Built in:
 
 ===============  ==============================================================
 ``resnet18/34/50/101/152``  torchvision-compatible ResNet; options ``small_images``,
-                 ``in_channels``, ``zero_init_residual``; ``pretrained`` = local
-                 torchvision state dict (.pth / .safetensors)
+                 ``in_channels``, ``zero_init_residual``, ``width``; ``pretrained`` =
+                 local torchvision state dict (.pth / .safetensors) or a shipped
+                 backbone ``unspur:<name>`` (e.g. ``unspur:cifar10-resnet18``)
 ``small_cnn``    conv-BN-ReLU blocks; options ``in_channels``, ``widths``
 ``mlp``          LfF's Colored MNIST MLP; options ``in_features``, ``hidden``
 ``hf:<id|dir>``  transformers AutoModel backbone (or ``arch="hf"`` with
@@ -65,7 +66,10 @@ def _resnet_builder(depth: int) -> Builder:
             load_imagenet_weights(model, pretrained)
         return model
 
-    build.__doc__ = f"ResNet-{depth}; ``pretrained`` is a local torchvision state dict file."
+    build.__doc__ = (
+        f"ResNet-{depth}; ``pretrained`` is a local torchvision state dict file or a "
+        "shipped backbone ``unspur:<name>``."
+    )
     return build
 
 
@@ -140,7 +144,9 @@ def build_model(
     """Build a registered architecture with a ``n_classes`` head.
 
     ``pretrained`` is a local weights file for resnets/small_cnn/mlp (a missing file is
-    a :class:`~unspur.errors.CheckpointError`), a hub id or directory for ``hf``.
+    a :class:`~unspur.errors.CheckpointError`) or the name of a backbone shipped with
+    unspur, ``unspur:<name>`` (:mod:`unspur.models.shipped`; an unknown name is a
+    CheckpointError listing the shipped ones), a hub id or directory for ``hf``.
     ``arch="hf:<id or dir>"`` is shorthand for ``arch="hf", pretrained=<id or dir>``.
     Unknown architectures or options raise :class:`~unspur.errors.ConfigError`.
     """

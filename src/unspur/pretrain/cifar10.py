@@ -215,6 +215,7 @@ def train_cifar10_backbone(
         raise ConfigError(f"--limit must be at least 1 image per class, got {limit}")
     out = Path(out)
     wall0, cpu0, load0 = time.perf_counter(), _cpu_seconds(), os.getloadavg()
+    commit = _git_commit()  # the code that runs, before anything can change it
     torch.set_num_threads(recipe.threads)
     torch.manual_seed(recipe.seed)
 
@@ -340,7 +341,7 @@ def train_cifar10_backbone(
             "python": sys.version.split()[0],
         },
         "torch_version": torch.__version__,
-        "git_commit": _git_commit(),
+        "git_commit": commit,
         "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "not_for": [
             "corrupted_cifar10: it is built from these CIFAR-10 training images with the "
