@@ -8,6 +8,9 @@ Every generative method (DBB, FFR, Clustered DreamBooth) takes a ``generator`` o
   what runs on a CPU without any downloaded weights.
 * a directory written by a domain-model training (it holds ``domain.json``): reused,
   so several methods or seeds can share one trained model.
+* ``"unspur:<name>"``: a domain model shipped with the package (e.g.
+  ``unspur:synthetic-domain``, trained on an independent draw of the synthetic
+  benchmark; :mod:`unspur.generate.shipped`), used exactly like such a directory.
 * anything else: a diffusers pipeline, as a hub id
   (``stabilityai/stable-diffusion-2-inpainting``, ``stabilityai/stable-diffusion-2-1-base``)
   or a local directory, loaded with ``from_pretrained`` — fp16 on a GPU.
@@ -31,6 +34,11 @@ from unspur.generate.domain import (
     train_domain_model,
 )
 from unspur.generate.pipelines import DiffusersGenerator, load_generator
+from unspur.generate.shipped import (
+    is_shipped_name,
+    shipped_generator_dir,
+    verify_shipped_generator,
+)
 
 DOMAIN = "domain"
 DOMAIN_DIR = "domain_model"
@@ -48,18 +56,31 @@ def domain_config(options: dict[str, Any] | None) -> DomainModelConfig:
     return DomainModelConfig(**options)
 
 
+def resolve_shipped(spec: str) -> str:
+    """``spec`` with a shipped generator's name (``unspur:<name>``) replaced by its
+    installed directory (files checked against its card); other specs unchanged. An
+    unknown ``unspur:`` name raises a ConfigError listing the shipped generators."""
+    if is_shipped_name(spec):
+        return str(verify_shipped_generator(str(spec)))
+    return spec
+
+
 def is_domain_model_dir(spec: str) -> bool:
+    """Whether ``spec`` is a trained domain model: a directory holding ``domain.json``
+    or a shipped generator's name."""
+    if is_shipped_name(spec):
+        return (shipped_generator_dir(str(spec)) / DOMAIN_FILE).is_file()
     return (Path(spec) / DOMAIN_FILE).is_file()
 
 
 def domain_model_dir(spec: str, run_dir: str | Path) -> Path | None:
     """Where the domain model of generator ``spec`` lives (``"domain"``: the run's own,
-    trained or not yet), or None when ``spec`` is not a domain model (a hub id or an
-    ordinary pipeline folder)."""
+    trained or not yet; ``unspur:<name>``: the shipped one), or None when ``spec`` is not
+    a domain model (a hub id or an ordinary pipeline folder)."""
     if spec == DOMAIN:
         return Path(run_dir) / DOMAIN_DIR
     if is_domain_model_dir(spec):
-        return Path(spec)
+        return Path(resolve_shipped(spec))
     return None
 
 
@@ -79,7 +100,7 @@ def pipeline_weights(
         model = train_domain_model(table, Path(run_dir) / DOMAIN_DIR, domain_config(domain))
         return str(model.pipeline_dir(task))
     if is_domain_model_dir(spec):
-        return str(load_domain_model(spec).pipeline_dir(task))
+        return str(load_domain_model(resolve_shipped(spec)).pipeline_dir(task))
     return spec
 
 

@@ -1393,12 +1393,12 @@ def _is_domain(spec: str) -> bool:
 def _sampling(options: dict[str, Any], context: RunContext) -> tuple[int, float]:
     """Inpainting steps and guidance: the options, else the domain model's own sampling
     settings, else Stable Diffusion's (50 steps, guidance 7.5)."""
-    from unspur.generate.engine import DOMAIN, DOMAIN_DIR
+    from unspur.generate.engine import domain_model_dir
 
     steps, guidance = 50, 7.5
     spec = str(options["generator"])
     if _is_domain(spec):
-        folder = context.out_dir / DOMAIN_DIR if spec == DOMAIN else Path(spec)
+        folder = domain_model_dir(spec, context.out_dir)  # also a shipped unspur:<name>
         try:
             sampling = json.loads((folder / "domain.json").read_text()).get("sampling", {})
             steps = int(sampling.get("num_inference_steps", 25))
