@@ -1,7 +1,12 @@
-"""Shared pieces of the benchmark scripts: run one setting, aggregate seeds, write tables.
+"""Shared pieces of the benchmark scripts not yet ported to suites (DBB, FFR, Clustered
+DreamBooth, DiffInject, the domain model, generation): run one setting, aggregate seeds,
+write tables, judge generated images.
 
-Benchmarks measure; tests never assert timings. Every table is written with the command
-that produced it and the machine it ran on.
+The benchmarks that compare methods over seeds are suites (``bench/suites/*.yaml``, run by
+``unspur bench``, which pairs every method with ERM through ``unspur.compare``); these
+helpers serve the scripts whose generators a suite does not build yet. Benchmarks
+measure; tests never assert timings. Every table is written with the command that
+produced it and the machine it ran on.
 """
 
 from __future__ import annotations
@@ -13,7 +18,6 @@ import shlex
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -101,86 +105,6 @@ def run_setting(overrides: list[str], seed: int, keep: Path | None = None) -> di
     return results
 
 
-def attempt(
-    overrides: list[str], seed: int, failures: list[str], label: str, keep: Path | None = None
-) -> dict[str, Any] | None:
-    """``run_setting``, or None when the method refuses the data (recorded in ``failures``).
-
-    A benchmark goes on past a method that cannot run on a setting (e.g. one that needs
-    every training group present) and reports why, instead of losing every other row.
-    """
-    from unspur.errors import UnspurError
-
-    try:
-        return run_setting(overrides, seed, keep)
-    except UnspurError as exc:
-        failures.append(f"| {label} | seed {seed} | {str(exc).splitlines()[0]} |")
-        print(f"FAILED {label} seed {seed}: {exc}", file=sys.stderr, flush=True)
-        return None
-
-
-def paired_runs(
-    settings: dict[str, tuple[list[str], str | None]],
-    only: list[str] | None,
-    methods: list[str],
-    seeds: list[int],
-    data_dir: Path | None,
-    failures: list[str],
-    variants: dict[str, list[str]] | None = None,
-) -> Iterator[tuple[str, int, str, dict[str, Any], Path]]:
-    """Yield ``(setting, seed, method, results, run_dir)`` with ERM trained first.
-
-    ``variants`` maps a label used in ``methods`` to its overrides (which must name the
-    method, e.g. ``["method.name=mac", "method.options.saliency=ground_truth"]``); the
-    results of a variant carry the label as their ``method``.
-
-    Methods that start from a reference model (``uses_reference``: DFR, LLR, MaC,
-    MaskTune) get that seed's ERM model, as in their papers, so every comparison is
-    paired. ``run_dir`` lives until the next item (for artefacts such as mask quality);
-    every ``results`` carries ``erm_epoch_seconds``. A method that refuses a setting is
-    recorded in ``failures`` and skipped.
-    """
-    from unspur.methods import get_method
-
-    for name in only or list(settings):
-        overrides, needs = settings[name]
-        extra = data_overrides(needs, data_dir, name)
-        if extra is None:
-            continue
-        for seed in seeds:
-            with tempfile.TemporaryDirectory() as erm_dir:
-                base = overrides + extra
-                reference = run_setting(base + ["method.name=erm"], seed, Path(erm_dir))
-                erm_epoch = reference["stage_seconds"].get("erm")
-                for label in methods:
-                    chosen = (variants or {}).get(label, [f"method.name={label}"])
-                    method = next(
-                        o.split("=", 1)[1] for o in chosen if o.startswith("method.name=")
-                    )
-                    if label == "erm":
-                        yield (
-                            name,
-                            seed,
-                            method,
-                            {**reference, "erm_epoch_seconds": erm_epoch},
-                            Path(erm_dir),
-                        )
-                        continue
-                    pinned = (
-                        [f"method.reference={erm_dir}/model"]
-                        if get_method(method).uses_reference
-                        else []
-                    )
-                    with tempfile.TemporaryDirectory() as run_dir:
-                        results = attempt(
-                            base + chosen + pinned, seed, failures, f"{name} {label}", Path(run_dir)
-                        )
-                        if results is not None:
-                            results["erm_epoch_seconds"] = erm_epoch
-                            results["method"] = label
-                            yield name, seed, label, results, Path(run_dir)
-
-
 def failure_notes(failures: list[str]) -> list[str]:
     if not failures:
         return []
@@ -214,7 +138,7 @@ def row(setting: str, seed: int, results: dict[str, Any]) -> dict[str, Any]:
 
 
 def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Mean +- std over seeds for every (setting, method)."""
+    """Mean ± sample std (ddof = 1) over seeds for every (setting, method)."""
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for r in rows:
         groups.setdefault((r["setting"], r["method"]), []).append(r)
@@ -223,7 +147,8 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         entry = {"setting": setting, "method": method, "supervision": members[0]["supervision"]}
         for key in ("worst_group_accuracy", "average_accuracy", "balanced_accuracy"):
             values = np.array([m[key] for m in members])
-            entry[key] = f"{values.mean():.1f} ± {values.std():.1f}"
+            spread = values.std(ddof=1) if len(values) > 1 else 0.0
+            entry[key] = f"{values.mean():.1f} ± {spread:.1f}"
         entry["seeds"] = len(members)
         entry["wall_seconds"] = round(float(np.mean([m["wall_seconds"] for m in members])), 1)
         table.append(entry)
@@ -259,7 +184,7 @@ def write_results(
         f"torch {torch.__version__}. Test split, percentages; supervision: x none, "
         "✓ validation group labels, ✓✓ train group labels.",
         "",
-        "## Mean ± std over seeds",
+        "## Mean ± sample std (ddof = 1) over seeds",
         "",
         *markdown(aggregate(rows)),
         "",
