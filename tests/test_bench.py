@@ -104,6 +104,7 @@ def test_bench_writes_tables_resumes_and_reruns_exactly_what_changed(tmp_path, c
     assert "`unspur bench mini.yaml --data-dir ../shared/data --threads 1`" in md
     for field in ("- commit:", "torch ", "- threads: ", "run CPU time", "- machine: ", "cores"):
         assert field in md
+    assert "Seeds: 2, fewer than 5; the suite gives no reason." in md
     record = json.loads((out / "provenance.json").read_text())
     assert {"command", "git", "versions", "threads", "cost", "machine"} <= set(record)
     assert record["cost"]["runs"] == 6 and record["cost"]["trained by this invocation"] == 6
@@ -197,3 +198,23 @@ def test_oracle_inputs_are_marked(tmp_path):
     assert oracle_mark(suite.variants["erm"], configs["erm"]) == ""
     assert oracle_mark(suite.variants["mac_gt"], configs["mac_gt"]) == "exact object masks"
     assert oracle_mark(suite.variants["mac_named"], configs["mac_named"]) == "hand-drawn masks"
+
+
+def test_pipeline_supervision_counts_what_the_assets_saw(tmp_path):
+    """A generator trained with group captions makes the whole pipeline ✓✓, whatever the
+    method's own supervision."""
+    from unspur.bench.suite import pipeline_symbol
+
+    path = write_suite(
+        tmp_path / "s.yaml",
+        {"erm": None},
+        assets={
+            "gen": {"path": "gen", "labels": "train_groups", "what": "captions name the bias"},
+            "digits": {"path": "digits"},
+        },
+        settings={"with_gen": {"uses": ["gen"]}, "plain": {"root": "digits"}},
+    )
+    suite = load_suite(path)
+    assert suite.asset_supervision("with_gen") == 2 and suite.asset_supervision("plain") == 0
+    assert pipeline_symbol("x", 2) == "✓✓" and pipeline_symbol("✓", 0) == "✓"
+    assert pipeline_symbol("✓✓", 1) == "✓✓"

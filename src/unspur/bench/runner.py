@@ -33,6 +33,8 @@ from unspur.errors import ConfigError, UnspurError
 from unspur.io import atomic_write_json, atomic_write_text
 
 SUPERVISION = "supervision (pipeline)"
+#: Seeds a table should have where the CPU allows it (issue 19); fewer are explained.
+SEEDS_WANTED = 5
 ORACLE = "oracle input"
 
 
@@ -205,6 +207,18 @@ def _uniform(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{k: r.get(k, "-") for k in keys} for r in rows]
 
 
+def seed_lines(suite: Suite, seeds: list[int]) -> list[str]:
+    """Why there are fewer than :data:`SEEDS_WANTED` seeds, when there are."""
+    if seeds != suite.seeds:
+        return ["", f"Seeds: {len(seeds)} chosen on the command line (--seeds); the suite "
+                f"names {len(suite.seeds)}."]  # fmt: skip
+    if suite.seeds_note:
+        return ["", f"Seeds: {suite.seeds_note}"]
+    if len(seeds) < SEEDS_WANTED:
+        return ["", f"Seeds: {len(seeds)}, fewer than {SEEDS_WANTED}; the suite gives no reason."]
+    return []
+
+
 def write_setting(
     suite: Suite,
     name: str,
@@ -240,7 +254,7 @@ def write_setting(
         "was given that a user would not have (e.g. exact object masks); such a row is a "
         "diagnostic, not a method. Model selection follows each method's own rule on the "
         "validation split (the `selection` column below); no choice was made on test.",
-        *(["", f"Seeds: {suite.seeds_note}"] if suite.seeds_note else []),
+        *seed_lines(suite, seeds),
         "",
         markdown_table(_uniform(table)),
         "",
