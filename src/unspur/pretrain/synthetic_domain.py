@@ -26,7 +26,8 @@ trained on its *own* draw of the synthetic benchmark, never on a benchmark split
 - **Model and schedule**: :class:`~unspur.generate.domain.DomainModelConfig`'s defaults
   (``small`` sizes, 500 / 2,800 / 500 steps of batch 32, lr 1e-3, min-SNR, EMA), the
   settings bench/results/domain_model.md measured (about 34 CPU-minutes on one thread).
-- **Export**: both pipelines are saved in fp16 (:func:`export_shipped`), about 10 MB
+- **Export**: both pipelines are saved in fp16 (:func:`export_shipped`; the small text
+  encoder in fp32, so a plain ``from_pretrained`` gives an fp32 pipeline), about 10 MB
   together, with ``card.json`` holding the provenance (data draw, labels, seeds, steps,
   wall and CPU time, threads, versions, git commit, command).
 
@@ -149,7 +150,14 @@ def _git_commit() -> str:
             ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10
         )
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--", "src/unspur/generate", "src/unspur/pretrain"],
+            [
+                "git",
+                "status",
+                "--porcelain",
+                "--",
+                ":(top)src/unspur/generate",
+                ":(top)src/unspur/pretrain",
+            ],
             cwd=here,
             capture_output=True,
             text=True,
@@ -160,6 +168,33 @@ def _git_commit() -> str:
     if head.returncode != 0:
         return "unknown"
     return head.stdout.strip() + (" (with uncommitted changes)" if dirty.stdout.strip() else "")
+
+
+def portable_command(command: list[str]) -> str:
+    """The command as a string, with absolute paths outside the working directory
+    replaced by their option's name (``--out OUT``): no machine's path is shipped."""
+    here = Path.cwd().resolve()
+    words, flag = [], ""
+    for word in command:
+        if word.startswith("/") or word.startswith("~"):
+            path = Path(word).expanduser().resolve()
+            if path.is_relative_to(here):
+                word = str(path.relative_to(here))
+            else:
+                word = flag.lstrip("-").upper().replace("-", "_") or "PATH"
+        words.append(word)
+        flag = word if word.startswith("--") else ""
+    return shlex.join(words)
+
+
+def _scrub_paths(folder: Path) -> None:
+    """Drop diffusers' ``_name_or_path`` (the training machine's folder) from every
+    saved config; ``from_pretrained`` does not read it."""
+    for path in folder.rglob("*.json"):
+        config = json.loads(path.read_text())
+        if isinstance(config, dict) and "_name_or_path" in config:
+            del config["_name_or_path"]
+            path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def _cpu_seconds() -> float:
@@ -187,7 +222,13 @@ def export_shipped(model: DomainModel, target: Path, card: dict[str, Any], fp16:
                 local_files_only=True,
                 torch_dtype=torch.float16 if fp16 else torch.float32,
             )
+            # transformers loads a text encoder in the dtype it was saved in, diffusers
+            # models in fp32: a plain from_pretrained would then mix fp16 prompt
+            # embeddings with fp32 UNet weights. The text encoder (0.1 M parameters)
+            # therefore stays fp32.
+            pipe.text_encoder.to(torch.float32)
             pipe.save_pretrained(scratch / task)
+        _scrub_paths(scratch)
         info = {k: v for k, v in model.info.items() if k != "losses"}
         info["last_losses"] = {
             stage: (logged[-1] if logged else None)
@@ -210,6 +251,8 @@ def build_card(model: DomainModel, table: GroupTable, disjoint: dict[str, Any], 
     import diffusers
     import transformers
 
+    wall_stages = dict(model.info.get("seconds_this_run") or {})
+    cpu_stages = dict(model.info.get("cpu_seconds_this_run") or {})
     counts = table.frame.groupby(["y", "a"]).size()
     groups = {
         f"{table.class_names[y]} on {table.attr_names[a]}": int(n) for (y, a), n in counts.items()
@@ -221,7 +264,7 @@ def build_card(model: DomainModel, table: GroupTable, disjoint: dict[str, Any], 
         "(StableDiffusionPipeline / StableDiffusionInpaintPipeline directories), the "
         "Stable Diffusion stand-in",
         "recipe": "python -m unspur.pretrain.synthetic_domain (unspur.pretrain.synthetic_domain)",
-        "command": shlex.join(command),
+        "command": portable_command(command),
         "data": {
             "dataset": "synthetic",
             "data_seed": data_seed,
@@ -250,14 +293,18 @@ def build_card(model: DomainModel, table: GroupTable, disjoint: dict[str, Any], 
         "sizes": model.info.get("sizes"),
         "sampling": model.info.get("sampling"),
         "cost": {
-            "wall_seconds_per_stage": model.info.get("seconds_this_run"),
-            "cpu_seconds_per_stage": model.info.get("cpu_seconds_this_run"),
-            "wall_seconds_total": round(wall, 1),
-            "cpu_seconds_total": round(cpu, 1),
+            "wall_seconds_per_stage": wall_stages,
+            "cpu_seconds_per_stage": cpu_stages,
+            "wall_seconds_total": round(sum(wall_stages.values()), 1),
+            "cpu_seconds_total": round(sum(cpu_stages.values()), 1),
+            "this_invocation_wall_seconds": round(wall, 1),
+            "this_invocation_cpu_seconds": round(cpu, 1),
             "threads": threads,
-            "note": "measured on 2 CPU cores shared with other jobs: the wall time "
-            "includes waiting for a core, the CPU time does not; per-stage times are of "
-            "the invocation that trained the stage",
+            "note": "training time = the sum of the three stages, as recorded by the "
+            "invocation that trained them (a rerun that reuses the trained model only "
+            "exports; its own time is this_invocation_*); measured on 2 CPU cores shared "
+            "with other jobs: the wall time includes waiting for a core, the CPU time "
+            "does not",
         },
         "machine": {
             "platform": platform.platform(),
