@@ -48,6 +48,13 @@ def write_suite(path: Path, methods: dict, **extra) -> Path:
         ({"settings": {"a": {"sett": []}}}, "settings.a.'sett'"),
         ({"methods": {"x": {"method": "erm", "set": ["method.name=jtt"]}}}, "method.name"),
         ({"assets": {"g": {"path": "/abs/g"}}}, "assets.g.path"),
+        ({"assets": {"g": {"build": "domain_modle", "data": ["data.name=synthetic"]}}}, "modle"),
+        (
+            {"assets": {"g": {"build": "domain_model", "data": ["a=1"], "options": {"unet_s": 1}}}},
+            "'unet_s'",
+        ),
+        ({"assets": {"g": {"build": "domain_model"}}}, "assets.g.data"),
+        ({"methods": {"x": {"method": "usb", "set": ["m.o.generator={asset:gne}"]}}}, "gne"),
     ],
 )
 def test_suite_errors_name_the_key(tmp_path, change, named):
@@ -218,3 +225,46 @@ def test_pipeline_supervision_counts_what_the_assets_saw(tmp_path):
     assert suite.asset_supervision("with_gen") == 2 and suite.asset_supervision("plain") == 0
     assert pipeline_symbol("x", 2) == "✓✓" and pipeline_symbol("✓", 0) == "✓"
     assert pipeline_symbol("✓✓", 1) == "✓✓"
+
+
+def test_a_generator_asset_is_built_once_recorded_and_invalidates_its_runs(tmp_path, capsys):
+    """A suite-built domain model: its provenance (data, split, images, labels seen, seed,
+    steps, cost) in the table, reused on a rerun, and a changed asset reruns the runs that
+    use it (not ERM)."""
+    from unspur.methods import get_method
+
+    usb = get_method("usb").debug_options
+    tiny = dict(usb["domain"])
+    debug = [f"method.options.{k}={v}" for k, v in usb.items() if k != "domain"]
+    data = [o for o in DEBUG if o.startswith("data.")] + ["data.options.seed=5"]
+    methods = {
+        "erm": None,
+        "usb_gen": {"method": "usb", "set": [*debug, "method.options.generator={asset:gen}"]},
+    }
+    assets = {"gen": {"build": "domain_model", "data": data, "options": tiny}}
+    path = write_suite(tmp_path / "s.yaml", methods, seeds=[0], assets=assets)
+    out, work = tmp_path / "out", tmp_path / "work"
+    argv = ["bench", str(path), "--out", str(out), "--work", str(work)]
+    assert main(argv) == 0, capsys.readouterr().err
+    md = (out / "tiny.md").read_text()
+    assert "## Assets" in md and "domain_model built by this suite" in md
+    assert "its train split: 160 images" in md and "Labels seen: train_groups" in md
+    assert "data.options.seed: None -> 5" in md  # another draw than the benchmark's
+    folders = list((work / "assets").iterdir())
+    assert len(folders) == 1 and (folders[0] / "asset.json").is_file()
+    record = json.loads((out / "provenance.json").read_text())["assets"]["gen"]
+    assert record["data"]["images"] == 160 and record["steps"]["unet"] == tiny["unet_steps"]
+    config = json.loads(next((work / "tiny" / "usb_gen").glob("*/results.json")).read_text())
+    assert config["config"]["method"]["options"]["generator"] == str(folders[0])
+    first = _stamps(work / "tiny")
+    capsys.readouterr()
+
+    assert main(argv) == 0
+    assert "training a domain model" not in capsys.readouterr().out
+
+    assets["gen"]["options"] = {**tiny, "unet_steps": tiny["unet_steps"] + 1}
+    write_suite(path, methods, seeds=[0], assets=assets)
+    assert main(argv) == 0
+    assert len(list((work / "assets").iterdir())) == 2
+    changed = sorted({k.split("/")[0] for k in set(_stamps(work / "tiny")) - set(first)})
+    assert changed == ["usb_gen"]

@@ -24,9 +24,10 @@ from typing import Any
 
 import numpy as np
 
+from unspur.bench.assets import asset_folder, build_domain_model, relation
 from unspur.bench.measurements import measure
 from unspur.bench.provenance import Clock, machine_paths, provenance, provenance_lines
-from unspur.bench.suite import Suite, load_suite, oracle_mark, pipeline_symbol
+from unspur.bench.suite import ASSET_REF, Suite, load_suite, oracle_mark, pipeline_symbol
 from unspur.compare import COLUMN, DIFF_COLUMN, TABLE_METRICS, compare, markdown_table, plan
 from unspur.config import RunConfig, apply_overrides
 from unspur.errors import ConfigError, UnspurError
@@ -45,14 +46,26 @@ def default_out(suite_path: Path, name: str) -> Path:
     return Path("bench-results") / name
 
 
-def setting_base(suite: Suite, name: str, data_dir: Path | None, threads: int | None) -> dict:
+def substitute(overrides: list[str], folders: dict[str, Path]) -> list[str]:
+    """``overrides`` with every ``{asset:NAME}`` replaced by that asset's folder."""
+    return [ASSET_REF.sub(lambda m: str(folders[m.group(1)]), o) for o in overrides]
+
+
+def setting_base(
+    suite: Suite,
+    name: str,
+    data_dir: Path | None,
+    threads: int | None,
+    folders: dict[str, Path] | None = None,
+) -> dict:
     """The config mapping every method of a setting starts from."""
     setting = suite.settings[name]
     overrides = [*suite.overrides, *setting.overrides, "train.progress=false"]
+    overrides = substitute(overrides, folders or {})
     if threads is not None:
         overrides.append(f"train.threads={threads}")
     for asset_name in [setting.root, *setting.uses]:
-        if asset_name is None:
+        if asset_name is None or suite.assets[asset_name].build:
             continue
         asset = suite.assets[asset_name]
         if data_dir is None:
@@ -113,6 +126,11 @@ def _checked(text: str, path: Path) -> str:
     return text
 
 
+def variants_with(suite: Suite, folders: dict[str, Path]) -> dict[str, tuple[str, list[str]]]:
+    """The suite's variants for :func:`unspur.compare.plan`, asset references resolved."""
+    return {k: (m, substitute(o, folders)) for k, (m, o) in suite.compare_variants().items()}
+
+
 def run_setting(
     suite: Suite,
     name: str,
@@ -120,13 +138,13 @@ def run_setting(
     seeds: list[int],
     work: Path,
     log: Callable[[str], None],
+    folders: dict[str, Path] | None = None,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[str]]:
     """Run (or find finished) one setting; returns (table rows, run rows, failures)."""
+    variants = variants_with(suite, folders or {})
     configs: dict[tuple[str, int], RunConfig] = {
         (label, seed): config
-        for label, seed, config, _ in plan(
-            base, suite.labels, seeds, [], work, suite.compare_variants(), True
-        )
+        for label, seed, config, _ in plan(base, suite.labels, seeds, [], work, variants, True)
     }
     failures: list[str] = []
     before = {p for p in work.glob("*/seed*/results.json")} if work.exists() else set()
@@ -137,12 +155,11 @@ def run_setting(
         work,
         command="",
         log=log,
-        variants=suite.compare_variants(),
+        variants=variants,
         fingerprinted_dirs=True,
         failures=failures,
         reports=False,
     )
-    asset_level = suite.asset_supervision(name)
     measured: dict[str, list[dict[str, Any]]] = {}
     run_rows = []
     for r in summary["runs"]:
@@ -158,7 +175,9 @@ def run_setting(
             {
                 "setting": name,
                 "method": r["method"],
-                SUPERVISION: pipeline_symbol(r["supervision"], asset_level),
+                SUPERVISION: pipeline_symbol(
+                    r["supervision"], suite.asset_supervision(name, r["method"])
+                ),
                 ORACLE: (oracle_mark(variant, config) if variant else "") or "-",
                 "seed": r["seed"],
                 **{k: f"{r[k]:.1f}" for k in (*TABLE_METRICS, "accuracy")},
@@ -207,6 +226,35 @@ def _uniform(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{k: r.get(k, "-") for k in keys} for r in rows]
 
 
+def asset_lines(suite: Suite, name: str, records: dict[str, dict[str, Any]]) -> list[str]:
+    """One paragraph per asset the setting reads: what it is and, for a built one, its
+    provenance record and how its data relates to the setting's."""
+    setting = suite.settings[name]
+    lines = []
+    used = list(dict.fromkeys(n for label in suite.labels for n in suite.assets_of(name, label)))
+    for asset_name in used:
+        asset = suite.assets[asset_name]
+        if not asset.build:
+            lines.append(f"- `{asset_name}`: `{asset.path}` under the data directory"
+                         f"{': ' + asset.what if asset.what else ''}; labels: {asset.labels}")  # fmt: skip
+            continue
+        r = records[asset_name]
+        groups = ", ".join(f"{g} {n}" for g, n in r["data"]["per group"].items())
+        cost = r["cost"]
+        lines.append(
+            f"- `{asset_name}`: {r['build']} built by this suite"
+            f"{' (' + asset.what + ')' if asset.what else ''} from "
+            f"`{' '.join(r['data']['overrides'])}`, its {r['data']['split']} split: "
+            f"{r['data']['images']} images ({groups}); "
+            f"{relation(asset.data, [*suite.overrides, *setting.overrides])}. Labels seen: "
+            f"{r['labels']} (captions `{r['captions']}`); seed {r['seed']}; steps "
+            + ", ".join(f"{k} {v}" for k, v in r["steps"].items())
+            + f"; cost {cost['wall_seconds']} s wall, {cost['cpu_seconds']} s CPU "
+            f"(built {cost['built']})."
+        )
+    return lines
+
+
 def seed_lines(suite: Suite, seeds: list[int]) -> list[str]:
     """Why there are fewer than :data:`SEEDS_WANTED` seeds, when there are."""
     if seeds != suite.seeds:
@@ -228,6 +276,7 @@ def write_setting(
     failures: list[str],
     record: dict[str, Any],
     seeds: list[int],
+    assets: list[str] | None = None,
 ) -> Path:
     """``OUT/<setting>.md``, ``.csv`` and ``_runs.csv``; returns the markdown path."""
     stem = re.sub(r"[^A-Za-z0-9._-]+", "_", name)
@@ -264,6 +313,8 @@ def write_setting(
              + (f": {v.note}" if v.note else "")
              for v in suite.variants.values()]  # fmt: skip
     lines += ["## Methods", "", *notes, ""]
+    if assets:
+        lines += ["## Assets", "", *assets, ""]
     if suite.notes:
         lines += ["## Notes", "", suite.notes.strip(), ""]
     if failures:
@@ -309,10 +360,21 @@ def run_suite(
     out = Path(out) if out is not None else default_out(suite_path, suite.name)
     work = Path(work) if work is not None else Path("runs") / "bench" / suite.name
     # Every setting's data and every variant's config are checked before anything trains.
-    bases = {name: setting_base(suite, name, data_dir, threads) for name in names}
+    built = {n for name in names for label in suite.labels for n in suite.assets_of(name, label)}
+    built = [n for n in suite.assets if n in built and suite.assets[n].build]
+    folders = {
+        n: asset_folder(
+            n, suite.assets[n].data, suite.assets[n].seed, suite.assets[n].options, work
+        )
+        for n in built
+    }
+    for n in suite.assets:  # a dataset folder named by {asset:NAME} in an override
+        if n not in folders and data_dir is not None and suite.assets[n].path is not None:
+            folders[n] = data_dir / str(suite.assets[n].path)
+    bases = {name: setting_base(suite, name, data_dir, threads, folders) for name in names}
     for name, base in bases.items():
         try:
-            plan(base, suite.labels, seeds, [], work / name, suite.compare_variants(), True)
+            plan(base, suite.labels, seeds, [], work / name, variants_with(suite, folders), True)
         except UnspurError as exc:
             raise ConfigError(f"suite {suite_path}: setting {name!r}: {exc}") from None
     if check:
@@ -326,10 +388,16 @@ def run_suite(
         extra += ["--only", ",".join(only)]
     if threads is not None:
         extra += ["--threads", str(threads)]
-    written, everything = [], {}
+    written, everything, records = [], {}, {}
+    for asset in built:
+        spec = suite.assets[asset]
+        folder, records[asset] = build_domain_model(
+            asset, spec.data, spec.seed, spec.options, work, log
+        )
+        assert folder == folders[asset]
     for name in names:
         log(f"== {suite.name}: setting {name}")
-        everything[name] = run_setting(suite, name, bases[name], seeds, work / name, log)
+        everything[name] = run_setting(suite, name, bases[name], seeds, work / name, log, folders)
     out.mkdir(parents=True, exist_ok=True)
     all_runs = [
         {
@@ -343,6 +411,9 @@ def run_suite(
     ]
     record = provenance(suite_path, extra, clock, all_runs)
     for name, (table, run_rows, failures) in everything.items():
-        written.append(write_setting(suite, name, out, table, run_rows, failures, record, seeds))
-    atomic_write_json(out / "provenance.json", {"suite": suite.name, **record})
+        assets = asset_lines(suite, name, records)
+        written.append(
+            write_setting(suite, name, out, table, run_rows, failures, record, seeds, assets)
+        )
+    atomic_write_json(out / "provenance.json", {"suite": suite.name, **record, "assets": records})
     return written

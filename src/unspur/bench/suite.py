@@ -28,6 +28,7 @@ Example (``bench/suites/smoke.yaml``)::
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,7 +51,9 @@ TOP_KEYS = (
 )
 SETTING_KEYS = ("set", "root", "uses", "note")
 METHOD_KEYS = ("method", "set", "oracle", "note")
-ASSET_KEYS = ("path", "labels", "what")
+ASSET_KEYS = ("path", "labels", "what", "build", "data", "seed", "options")
+#: ``{asset:NAME}`` in an override: the folder of asset NAME (built by the runner).
+ASSET_REF = re.compile(r"\{asset:([^}]*)\}")
 #: Which labels an asset's construction saw, as a supervision level (captions that name
 #: the bias attribute count as training group labels).
 ASSET_LABELS = {"none": 0, "val_groups": 1, "train_groups": 2}
@@ -61,12 +64,17 @@ ORACLE_OPTIONS = {("mac", "saliency", "ground_truth"): "exact object masks"}
 
 @dataclass
 class Asset:
-    """Something a setting reads from ``--data-dir`` (a dataset folder, a generator)."""
+    """Something a setting reads from ``--data-dir`` (``path``: a dataset folder), or a
+    generator the suite builds itself (``build``, see :mod:`unspur.bench.assets`)."""
 
     name: str
-    path: str
+    path: str | None
     labels: str = "none"
     what: str = ""
+    build: str | None = None
+    data: list[str] = field(default_factory=list)
+    seed: int = 0
+    options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -113,11 +121,24 @@ class Suite:
         """The ``variants`` argument of :func:`unspur.compare.plan`."""
         return {v.label: (v.method, list(v.overrides)) for v in self.variants.values()}
 
-    def asset_supervision(self, setting: str) -> int:
-        """The highest label level any asset of ``setting`` was built with (0, 1, 2)."""
+    def assets_of(self, setting: str, label: str | None = None) -> list[str]:
+        """The assets a setting (and the variant ``label`` in it) reads."""
         chosen = self.settings[setting]
-        names = [n for n in [chosen.root, *chosen.uses] if n]
+        overrides = [*self.overrides, *chosen.overrides]
+        if label is not None:
+            overrides += self.variants[label].overrides
+        names = [chosen.root, *chosen.uses, *referenced(overrides)]
+        return list(dict.fromkeys(n for n in names if n))
+
+    def asset_supervision(self, setting: str, label: str | None = None) -> int:
+        """The highest label level any asset of ``setting`` (and ``label``) saw (0, 1, 2)."""
+        names = self.assets_of(setting, label)
         return max((ASSET_LABELS[self.assets[n].labels] for n in names), default=0)
+
+
+def referenced(overrides: list[str]) -> list[str]:
+    """The asset names ``{asset:NAME}`` in ``overrides`` refer to."""
+    return [m for o in overrides for m in ASSET_REF.findall(o)]
 
 
 def _unknown(where: str, keys: list[str], allowed: tuple[str, ...], path: Path) -> None:
@@ -183,6 +204,9 @@ def load_suite(path: str | Path) -> Suite:
     for name, spec in _mapping(raw.get("assets"), "assets", path).items():
         spec = _mapping(spec, f"assets.{name}", path)
         _unknown(f"assets.{name}.", list(spec), ASSET_KEYS, path)
+        if "build" in spec:
+            assets[name] = _built_asset(str(name), spec, path)
+            continue
         if not isinstance(spec.get("path"), str) or Path(spec["path"]).is_absolute():
             raise ConfigError(
                 f"suite {path}: assets.{name}.path must be a path relative to --data-dir, "
@@ -215,6 +239,12 @@ def load_suite(path: str | Path) -> Suite:
             str(spec.get("note", "")),
         )
 
+    for where, overrides in [
+        ("set", _overrides(raw.get("set"), "set", path)),
+        *[(f"settings.{s.name}.set", s.overrides) for s in settings.values()],
+    ]:
+        _check_refs(where, overrides, assets, path)
+
     methods = raw["methods"]
     if isinstance(methods, list):
         methods = {m: None for m in methods}
@@ -234,6 +264,7 @@ def load_suite(path: str | Path) -> Suite:
                 f"suite {path}: methods.{label}.set sets method.name; name the method with "
                 f"`method: NAME` instead"
             )
+        _check_refs(f"methods.{label}.set", overrides, assets, path)
         variants[str(label)] = Variant(
             str(label),
             str(method),
@@ -265,6 +296,51 @@ def load_suite(path: str | Path) -> Suite:
         assets=assets,
         measurements=[str(m) for m in measurements],
         notes=str(raw.get("notes", "")),
+    )
+
+
+def _check_refs(where: str, overrides: list[str], assets: dict, path: Path) -> None:
+    for name in referenced(overrides):
+        if name not in assets:
+            raise ConfigError(
+                f"suite {path}: {where} refers to {{asset:{name}}}, which the suite's assets "
+                f"do not name{did_you_mean(name, assets)}; add it under assets"
+            )
+
+
+def _built_asset(name: str, spec: dict[str, Any], path: Path) -> Asset:
+    """An asset the runner builds (a generator), checked: builder, data, seed, options."""
+    from unspur.bench.assets import BUILDERS, check_domain_options, domain_labels
+
+    where = f"suite {path}: assets.{name}"
+    if spec["build"] not in BUILDERS:
+        raise ConfigError(
+            f"{where}.build={spec['build']!r} is not one of {', '.join(BUILDERS)}"
+            f"{did_you_mean(str(spec['build']), BUILDERS)}"
+        )
+    for key in ("path", "labels"):
+        if key in spec:
+            raise ConfigError(
+                f"{where}: a built asset has no {key!r} (it lives in the work folder; the "
+                "labels it saw follow from its captions)"
+            )
+    data = _overrides(spec.get("data"), f"assets.{name}.data", path)
+    if not data:
+        raise ConfigError(f"{where}.data: name the data it learns from, e.g. [data.name=...]")
+    seed = spec.get("seed", 0)
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise ConfigError(f"{where}.seed must be an integer, got {seed!r}")
+    options = _mapping(spec.get("options"), f"assets.{name}.options", path)
+    check_domain_options(options, f"{where}.options")
+    return Asset(
+        name,
+        None,
+        domain_labels(options),
+        str(spec.get("what", "")),
+        str(spec["build"]),
+        data,
+        seed,
+        dict(options),
     )
 
 
