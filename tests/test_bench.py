@@ -152,7 +152,9 @@ def test_bench_writes_tables_resumes_and_reruns_exactly_what_changed(tmp_path, c
 
 
 def test_measurement_registry(tmp_path):
-    assert {"timing", "mac_mask_quality", "mac_search", "head_epoch_cost"} <= set(MEASUREMENTS)
+    assert {"timing", "mac_mask_quality", "mac_search", "head_epoch_cost", "dbb_pruning"} <= set(
+        MEASUREMENTS
+    )
     with pytest.raises(ConfigError, match="'timing'"):
         get_measurement("timng")
 
@@ -171,7 +173,21 @@ def test_measurement_registry(tmp_path):
             "0,a,3,0.9,0.1,0.8,0.2\n-1,all,6,0.7,0.3,0.6,0.4\n"
         )
         (run / "mac" / "search.json").write_text(json.dumps({"alpha": 1.0, "beta": 4.0}))
+        (run / "dbb").mkdir()
+        classes = [
+            {"generated": 10, "pass_psi": 6, "pass_rho": 9, "kept_paper_rule": 5, "used": 5},
+            {"generated": 8, "pass_psi": 8, "pass_rho": 7, "kept_paper_rule": 7, "used": 8},
+        ]
+        (run / "dbb" / "statistics.json").write_text(json.dumps({"classes": classes}))
         results = {"seed": 7, "wall_seconds": 3.5, "stages": []}
+        pruning = measure(["dbb_pruning"], run, results)
+        assert pruning == {
+            "generated": 18,
+            "pass psi": 14,
+            "pass rho": 16,
+            "kept (paper)": 12,
+            "used": 13,
+        }
         columns = measure(
             ["timing", "mac_mask_quality", "mac_search", "test_constant"], run, results
         )

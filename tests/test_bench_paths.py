@@ -43,7 +43,9 @@ def test_committed_suites_are_valid(tmp_path):
     assert {"smoke", "baselines", "mac"} <= {p.stem for p in suites}
     for path in suites:
         suite = load_suite(path)
-        for asset in suite.assets.values():  # the runner only checks that they exist
+        for asset in suite.assets.values():  # the runner only checks that folders exist
+            if asset.build:
+                continue
             (tmp_path / asset.path).mkdir(parents=True, exist_ok=True)
         assert run_suite(path, tmp_path, work=tmp_path / "w", check=True, log=str) == []
     assert not (tmp_path / "w").exists()

@@ -122,6 +122,27 @@ def mac_mask_quality(run_dir: Path, results: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+@register("dbb_pruning")
+def dbb_pruning(run_dir: Path, results: dict[str, Any]) -> dict[str, Any]:
+    """DBB's generated and pruned images (the DBB paper's Table 2), summed over classes:
+    candidates generated, passing the softmax (psi, Eq. 3) and the attribution (rho,
+    Eq. 4-5) condition, kept by the paper's rule (both), and used by the variant."""
+    statistics = _read_json(run_dir / "dbb" / "statistics.json")
+    if not isinstance(statistics, dict) or not statistics.get("classes"):
+        return {}
+    names = {
+        "generated": "generated",
+        "pass_psi": "pass psi",
+        "pass_rho": "pass rho",
+        "kept_paper_rule": "kept (paper)",
+        "used": "used",
+    }
+    return {
+        column: sum(int(c.get(key, 0)) for c in statistics["classes"])
+        for key, column in names.items()
+    }
+
+
 @register("mac_search")
 def mac_search(run_dir: Path, results: dict[str, Any]) -> dict[str, Any]:
     """MaC's (alpha, beta): chosen on validation worst-group accuracy with ``search:

@@ -80,8 +80,13 @@ def setting_base(
             )
     if setting.root is not None:
         overrides.append(f"data.root={data_dir / suite.assets[setting.root].path}")
+    start = {}
+    if setting.config is not None:
+        from unspur.config import read_yaml_mapping
+
+        start = read_yaml_mapping(suite.root / setting.config)
     try:
-        return apply_overrides({}, overrides)
+        return apply_overrides(start, overrides)
     except ConfigError as exc:
         raise ConfigError(f"suite {suite.path}: settings.{name}: {exc}") from None
 
@@ -287,7 +292,9 @@ def write_setting(
         *([suite.description, ""] if suite.description else []),
         *provenance_lines(record),
         "",
-        f"Setting `{name}`: `{' '.join([*suite.overrides, *setting.overrides])}`"
+        f"Setting `{name}`: "
+        + (f"`{setting.config}` with " if setting.config else "")
+        + f"`{' '.join([*suite.overrides, *setting.overrides])}`"
         + (
             f" (data.root: `{suite.assets[setting.root].path}` under the data directory)"
             if setting.root

@@ -49,7 +49,7 @@ TOP_KEYS = (
     "measurements",
     "notes",
 )
-SETTING_KEYS = ("set", "root", "uses", "note")
+SETTING_KEYS = ("config", "set", "root", "uses", "note")
 METHOD_KEYS = ("method", "set", "oracle", "note")
 ASSET_KEYS = ("path", "labels", "what", "build", "data", "seed", "options")
 #: ``{asset:NAME}`` in an override: the folder of asset NAME (built by the runner).
@@ -84,6 +84,7 @@ class Setting:
     name: str
     overrides: list[str]
     root: str | None = None  # an asset name: data.root = DATA_DIR/<asset path>
+    config: str | None = None  # a config file (from the repository root) the setting starts from
     uses: list[str] = field(default_factory=list)  # further assets (generators, ...)
     note: str = ""
 
@@ -112,6 +113,14 @@ class Suite:
     assets: dict[str, Asset]
     measurements: list[str]
     notes: str = ""
+
+    @property
+    def root(self) -> Path:
+        """The repository a ``bench/suites/`` file belongs to (config paths start there);
+        the current folder for a suite kept elsewhere."""
+        if self.path.resolve().parent.name == "suites":
+            return self.path.resolve().parent.parent.parent
+        return Path.cwd()
 
     @property
     def labels(self) -> list[str]:
@@ -231,12 +240,19 @@ def load_suite(path: str | Path) -> Suite:
                     f"suite {path}: settings.{name} reads asset {asset!r}, which the suite's "
                     f"assets do not name{did_you_mean(str(asset), assets)}; add it under assets"
                 )
+        config = spec.get("config")
+        if config is not None and (not isinstance(config, str) or Path(config).is_absolute()):
+            raise ConfigError(
+                f"suite {path}: settings.{name}.config must be a config file relative to the "
+                f"repository root (e.g. configs/synthetic_dbb.yaml), got {config!r}"
+            )
         settings[str(name)] = Setting(
-            str(name),
-            _overrides(spec.get("set"), f"settings.{name}.set", path),
-            spec.get("root"),
-            list(uses),
-            str(spec.get("note", "")),
+            name=str(name),
+            overrides=_overrides(spec.get("set"), f"settings.{name}.set", path),
+            root=spec.get("root"),
+            uses=list(uses),
+            note=str(spec.get("note", "")),
+            config=config,
         )
 
     for where, overrides in [
