@@ -55,6 +55,7 @@ def write_suite(path: Path, methods: dict, **extra) -> Path:
         ),
         ({"assets": {"g": {"build": "domain_model"}}}, "assets.g.data"),
         ({"methods": {"x": {"method": "usb", "set": ["m.o.generator={asset:gne}"]}}}, "gne"),
+        ({"settings": {"a": {"set": ["groupdrop:method.options.eta=1"]}}}, "'groupdrop'"),
     ],
 )
 def test_suite_errors_name_the_key(tmp_path, change, named):
@@ -284,3 +285,20 @@ def test_a_generator_asset_is_built_once_recorded_and_invalidates_its_runs(tmp_p
     assert len(list((work / "assets").iterdir())) == 2
     changed = sorted({k.split("/")[0] for k in set(_stamps(work / "tiny")) - set(first)})
     assert changed == ["usb_gen"]
+
+
+def test_a_setting_can_override_one_method(tmp_path):
+    """``LABEL:key=value`` in a setting's set reaches that method or variant only."""
+    from unspur.bench.runner import setting_base, variants_with
+
+    path = write_suite(
+        tmp_path / "s.yaml",
+        {"erm": None, "groupdro": None, "gdro_b": {"method": "groupdro"}},
+        settings={"tiny": {"set": ["groupdro:method.options.eta=0.05"]}},
+    )
+    suite = load_suite(path)
+    base, per_label = setting_base(suite, "tiny", None, None)
+    assert per_label == ["groupdro:method.options.eta=0.05"] and "groupdro:method" not in base
+    runs = plan(base, suite.labels, [0], per_label, tmp_path, variants_with(suite, {}), True)
+    options = {label: config.method.options for label, _, config, _ in runs}
+    assert options == {"erm": {}, "groupdro": {"eta": 0.05}, "gdro_b": {}}

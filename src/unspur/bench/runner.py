@@ -46,6 +46,11 @@ def default_out(suite_path: Path, name: str) -> Path:
     return Path("bench-results") / name
 
 
+def _label_of(override: str) -> str | None:
+    head, sep, _ = override.partition(":")
+    return head if sep and "=" not in head and "." not in head else None
+
+
 def substitute(overrides: list[str], folders: dict[str, Path]) -> list[str]:
     """``overrides`` with every ``{asset:NAME}`` replaced by that asset's folder."""
     return [ASSET_REF.sub(lambda m: str(folders[m.group(1)]), o) for o in overrides]
@@ -57,11 +62,14 @@ def setting_base(
     data_dir: Path | None,
     threads: int | None,
     folders: dict[str, Path] | None = None,
-) -> dict:
-    """The config mapping every method of a setting starts from."""
+) -> tuple[dict, list[str]]:
+    """The config mapping every method of a setting starts from, and the setting's
+    ``LABEL:key=value`` overrides for one method or variant (``ffr:method.options.x=1``)."""
     setting = suite.settings[name]
     overrides = [*suite.overrides, *setting.overrides, "train.progress=false"]
     overrides = substitute(overrides, folders or {})
+    per_label = [o for o in overrides if _label_of(o) in suite.variants]
+    overrides = [o for o in overrides if o not in per_label]
     if threads is not None:
         overrides.append(f"train.threads={threads}")
     for asset_name in [setting.root, *setting.uses]:
@@ -86,7 +94,7 @@ def setting_base(
 
         start = read_yaml_mapping(suite.root / setting.config)
     try:
-        return apply_overrides(start, overrides)
+        return apply_overrides(start, overrides), per_label
     except ConfigError as exc:
         raise ConfigError(f"suite {suite.path}: settings.{name}: {exc}") from None
 
@@ -139,7 +147,7 @@ def variants_with(suite: Suite, folders: dict[str, Path]) -> dict[str, tuple[str
 def run_setting(
     suite: Suite,
     name: str,
-    base: dict,
+    base: tuple[dict, list[str]],
     seeds: list[int],
     work: Path,
     log: Callable[[str], None],
@@ -147,9 +155,12 @@ def run_setting(
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[str]]:
     """Run (or find finished) one setting; returns (table rows, run rows, failures)."""
     variants = variants_with(suite, folders or {})
+    base, per_label = base
     configs: dict[tuple[str, int], RunConfig] = {
         (label, seed): config
-        for label, seed, config, _ in plan(base, suite.labels, seeds, [], work, variants, True)
+        for label, seed, config, _ in plan(
+            base, suite.labels, seeds, per_label, work, variants, True
+        )
     }
     failures: list[str] = []
     before = {p for p in work.glob("*/seed*/results.json")} if work.exists() else set()
@@ -158,6 +169,7 @@ def run_setting(
         suite.labels,
         seeds,
         work,
+        per_label,
         command="",
         log=log,
         variants=variants,
@@ -379,9 +391,17 @@ def run_suite(
         if n not in folders and data_dir is not None and suite.assets[n].path is not None:
             folders[n] = data_dir / str(suite.assets[n].path)
     bases = {name: setting_base(suite, name, data_dir, threads, folders) for name in names}
-    for name, base in bases.items():
+    for name, (base, per_label) in bases.items():
         try:
-            plan(base, suite.labels, seeds, [], work / name, variants_with(suite, folders), True)
+            plan(
+                base,
+                suite.labels,
+                seeds,
+                per_label,
+                work / name,
+                variants_with(suite, folders),
+                True,
+            )
         except UnspurError as exc:
             raise ConfigError(f"suite {suite_path}: setting {name!r}: {exc}") from None
     if check:

@@ -288,6 +288,15 @@ def load_suite(path: str | Path) -> Suite:
             str(spec.get("oracle", "")),
             str(spec.get("note", "")),
         )
+    for setting in settings.values():  # LABEL:key=value overrides one method of a setting
+        for override in setting.overrides:
+            head, sep, _ = override.partition(":")
+            if sep and "=" not in head and "." not in head and head not in variants:
+                raise ConfigError(
+                    f"suite {path}: settings.{setting.name}.set: {override!r} names method "
+                    f"{head!r}, which the suite's methods do not list"
+                    f"{did_you_mean(head, variants)}"
+                )
     if "erm" in variants and variants["erm"].method != "erm":
         raise ConfigError(f"suite {path}: methods.erm must be ERM itself (the paired reference)")
 
