@@ -124,13 +124,18 @@ def build_domain_model(
     return folder, record
 
 
-def relation(asset_overrides: list[str], setting_overrides: list[str]) -> str:
-    """How an asset's data relates to a setting's: the same data config (so the asset saw
-    the benchmark's own training split) or another one, with the keys that differ."""
+def relation(asset_overrides: list[str], setting_base: dict[str, Any]) -> str:
+    """How an asset's data relates to a setting's (``setting_base``: the config mapping
+    the setting's runs start from): the same data config (so the asset saw the
+    benchmark's own training split) or another one, with the keys that differ."""
+    import copy
+
+    from unspur.config import config_from_dict
     from unspur.stages import _flatten
 
     a = _flatten(data_config(asset_overrides, 0).to_dict()["data"])
-    b = _flatten(data_config(setting_overrides, 0).to_dict()["data"])
+    data = copy.deepcopy(setting_base.get("data") or {})
+    b = _flatten(config_from_dict({"data": data}).to_dict()["data"])
     differ = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
     if not differ:
         return "the setting's own data: it learned from the benchmark's training split"

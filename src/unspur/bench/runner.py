@@ -243,10 +243,11 @@ def _uniform(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{k: r.get(k, "-") for k in keys} for r in rows]
 
 
-def asset_lines(suite: Suite, name: str, records: dict[str, dict[str, Any]]) -> list[str]:
+def asset_lines(
+    suite: Suite, name: str, records: dict[str, dict[str, Any]], base: dict[str, Any]
+) -> list[str]:
     """One paragraph per asset the setting reads: what it is and, for a built one, its
     provenance record and how its data relates to the setting's."""
-    setting = suite.settings[name]
     lines = []
     used = list(dict.fromkeys(n for label in suite.labels for n in suite.assets_of(name, label)))
     for asset_name in used:
@@ -263,7 +264,7 @@ def asset_lines(suite: Suite, name: str, records: dict[str, dict[str, Any]]) -> 
             f"{' (' + asset.what + ')' if asset.what else ''} from "
             f"`{' '.join(r['data']['overrides'])}`, its {r['data']['split']} split: "
             f"{r['data']['images']} images ({groups}); "
-            f"{relation(asset.data, [*suite.overrides, *setting.overrides])}. Labels seen: "
+            f"{relation(asset.data, base)}. Labels seen: "
             f"{r['labels']} (captions `{r['captions']}`); seed {r['seed']}; steps "
             + ", ".join(f"{k} {v}" for k, v in r["steps"].items())
             + f"; cost {cost['wall_seconds']} s wall, {cost['cpu_seconds']} s CPU "
@@ -438,7 +439,7 @@ def run_suite(
     ]
     record = provenance(suite_path, extra, clock, all_runs)
     for name, (table, run_rows, failures) in everything.items():
-        assets = asset_lines(suite, name, records)
+        assets = asset_lines(suite, name, records, bases[name][0])
         written.append(
             write_setting(suite, name, out, table, run_rows, failures, record, seeds, assets)
         )
