@@ -222,6 +222,11 @@ def test_oracle_inputs_are_marked(tmp_path):
     assert oracle_mark(suite.variants["erm"], configs["erm"]) == ""
     assert oracle_mark(suite.variants["mac_gt"], configs["mac_gt"]) == "exact object masks"
     assert oracle_mark(suite.variants["mac_named"], configs["mac_named"]) == "hand-drawn masks"
+    # DBB inpainting inside the dataset's exact object masks (the synthetic configs)
+    from types import SimpleNamespace
+
+    dbb = SimpleNamespace(method=SimpleNamespace(name="dbb", options={"masker": "ground_truth"}))
+    assert oracle_mark(suite.variants["erm"], dbb) == "exact object masks"
 
 
 def test_pipeline_supervision_counts_what_the_assets_saw(tmp_path):

@@ -59,7 +59,10 @@ ASSET_REF = re.compile(r"\{asset:([^}]*)\}")
 ASSET_LABELS = {"none": 0, "val_groups": 1, "train_groups": 2}
 SYMBOLS = ("x", "✓", "✓✓")
 #: Method options that feed the method an oracle input: (method, option, value) -> mark.
-ORACLE_OPTIONS = {("mac", "saliency", "ground_truth"): "exact object masks"}
+ORACLE_OPTIONS = {
+    ("mac", "saliency", "ground_truth"): "exact object masks",
+    ("dbb", "masker", "ground_truth"): "exact object masks",
+}
 
 
 @dataclass
