@@ -156,7 +156,7 @@ def _git_commit() -> str:
                 "--porcelain",
                 "--",
                 ":(top)src/unspur/generate",
-                ":(top)src/unspur/pretrain",
+                ":(top)src/unspur/pretrain/synthetic_domain.py",
             ],
             cwd=here,
             capture_output=True,
