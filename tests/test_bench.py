@@ -181,6 +181,9 @@ def test_measurement_registry(tmp_path):
         ]
         (run / "dbb" / "statistics.json").write_text(json.dumps({"classes": classes}))
         results = {"seed": 7, "wall_seconds": 3.5, "stages": []}
+        (run / "ffr").mkdir()
+        (run / "ffr" / "probe.json").write_text(json.dumps({"mean_accuracy": 0.9, "groups": []}))
+        assert measure(["bg_probe"], run, results) == {"real-vs-synthetic probe": 0.9}
         pruning = measure(["dbb_pruning"], run, results)
         assert pruning == {
             "generated": 18,

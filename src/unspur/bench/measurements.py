@@ -143,6 +143,18 @@ def dbb_pruning(run_dir: Path, results: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+@register("bg_probe")
+def bg_probe(run_dir: Path, results: dict[str, Any]) -> dict[str, Any]:
+    """FFR's (B, G) diagnostic: mean over groups of a linear probe's accuracy telling real
+    from synthetic images in the final model's features (0.5 = chance, i.e. mixed), from
+    the ``probe.json`` an FFR / USB / ASB run writes in its method folder."""
+    for path in sorted(run_dir.glob("*/probe.json")):
+        record = _read_json(path)
+        if isinstance(record, dict) and record.get("mean_accuracy") is not None:
+            return {"real-vs-synthetic probe": float(record["mean_accuracy"])}
+    return {}
+
+
 @register("mac_search")
 def mac_search(run_dir: Path, results: dict[str, Any]) -> dict[str, Any]:
     """MaC's (alpha, beta): chosen on validation worst-group accuracy with ``search:
