@@ -80,6 +80,20 @@ def test_a_bad_override_fails_before_anything_trains_and_the_cli_exits_2(tmp_pat
     assert not work.exists() and not (tmp_path / "out").exists()
 
 
+def test_check_reads_each_settings_data_and_trains_nothing(tmp_path, capsys):
+    path = write_suite(tmp_path / "s.yaml", {"erm": None, "groupdro": None})
+    argv = ["bench", str(path), "--check", "--work", str(tmp_path / "w")]
+    assert main(argv) == 0 and "every config is valid" in capsys.readouterr().out
+    assert not (tmp_path / "w").exists()
+    values = yaml.safe_load(path.read_text())
+    # a valid config whose data cannot be read: only reading the data finds it
+    values["settings"]["tiny"]["set"] += ["data.name=waterbirds", f"data.root={tmp_path / 'no'}"]
+    path.write_text(yaml.safe_dump(values))
+    assert main([*argv, "--seeds", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "setting 'tiny'" in err and "'waterbirds'" in err  # the reader's own message
+
+
 def test_plan_runs_variants_in_their_own_fingerprinted_directories(tmp_path):
     variants = {"dfr_b": ("dfr_val", ["method.options.num_retrains=2"])}
     runs = plan({}, ["dfr_b"], [0], [], tmp_path, variants, True)

@@ -47,5 +47,8 @@ def test_committed_suites_are_valid(tmp_path):
             if asset.build:
                 continue
             (tmp_path / asset.path).mkdir(parents=True, exist_ok=True)
-        assert run_suite(path, tmp_path, work=tmp_path / "w", check=True, log=str) == []
+        checked = run_suite(
+            path, tmp_path, work=tmp_path / "w", check=True, check_data=False, log=str
+        )
+        assert checked == []
     assert not (tmp_path / "w").exists()

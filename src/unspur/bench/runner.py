@@ -357,12 +357,14 @@ def run_suite(
     only: list[str] | None = None,
     threads: int | None = None,
     check: bool = False,
+    check_data: bool = True,
     log: Callable[[str], None] = print,
 ) -> list[Path]:
     """Run a suite (resuming) and write its tables; returns the markdown files written.
 
-    ``check``: only read the suite and build every run's config (errors as for a real
-    run), train nothing, write nothing."""
+    ``check``: only read the suite, build every run's config and (``check_data``) read
+    every setting's data as its first seed would (errors as for a real run); train
+    nothing, write nothing."""
     clock = Clock()
     suite_path = Path(suite_path)
     suite = load_suite(suite_path)
@@ -405,6 +407,15 @@ def run_suite(
             )
         except UnspurError as exc:
             raise ConfigError(f"suite {suite_path}: setting {name!r}: {exc}") from None
+    if check and check_data:
+        from unspur.config import config_from_dict
+        from unspur.pipeline import prepare_table
+
+        for name, (base, _) in bases.items():
+            try:
+                prepare_table(config_from_dict({**base, "seed": seeds[0]}))
+            except UnspurError as exc:
+                raise ConfigError(f"suite {suite_path}: setting {name!r}: {exc}") from None
     if check:
         log(f"{suite_path}: {len(names)} setting(s) x {len(suite.labels)} method(s) x "
             f"{len(seeds)} seed(s): every config is valid")  # fmt: skip
