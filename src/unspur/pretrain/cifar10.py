@@ -159,6 +159,10 @@ def accuracy(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor)
     return correct / max(1, len(labels))
 
 
+#: The code a recipe's weights depend on (for the card's "+local-changes" flag).
+_RECIPE_CODE = ("src/unspur/pretrain/cifar10.py", "src/unspur/models", "src/unspur/data")
+
+
 def _git_commit() -> str:
     here = Path(__file__).resolve().parent
     try:
@@ -166,7 +170,8 @@ def _git_commit() -> str:
             ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10
         )
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--", "src/unspur/pretrain", "src/unspur/models"],
+            # tracked changes to the recipe or the model code (not others' new files)
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", *_RECIPE_CODE],
             cwd=here.parents[2],
             capture_output=True,
             text=True,
