@@ -383,6 +383,8 @@ def load_checkpoint(
     recorded at save time (catches a ``model.safetensors`` from another run). The
     model is returned in eval mode on ``device``.
     """
+    # factory (and resnet) import this module for load_backbone_weights; importing the
+    # factory here, at call time, keeps the module graph acyclic (each module imports alone).
     from unspur.models.factory import build_model
 
     directory = Path(directory)
