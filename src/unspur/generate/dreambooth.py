@@ -20,9 +20,10 @@ the script's own argparse defaults are 5e-4 with 500 warm-up steps and batch 4) 
 ``train_dreambooth_lora.py`` (rank 4 with ``lora_alpha = rank``, gaussian init, AdamW
 weight decay 1e-2, gradient clipping 1.0, 100 class images generated 4 at a time,
 prior-loss weight 1.0, images resized bilinearly and cropped, no flips; the crop here is
-always central, the script's ``--center_crop``, where its default crops at random). The
-Clustered DreamBooth paper's own values were not available offline; put them in the
-method's config when known.
+always central, the script's ``--center_crop``, where its default crops at random). These
+are the generic defaults of this trainer; the Clustered DreamBooth paper's own values (A.8:
+LoRA fine-tuning with r = alpha = 16 for 200 steps and no scheduler; DreamBooth with the
+diffusers example's defaults) are its presets in :mod:`unspur.methods.cdb_presets`.
 
 The caller's pipeline is used, not copied: the adapter is added to its UNet for
 training and removed afterwards (previously active adapters are re-activated), unless
