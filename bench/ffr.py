@@ -58,6 +58,9 @@ UTKFACE = [
     "data.name=csv",
     "data.options.class_names=[male,female]",
     "data.options.attr_names=[child,adult]",
+    # The resplit's direction (the FFR release's UTKFace splits: males -> children,
+    # females -> adults); the data alone cannot tell it, so the reader must be told.
+    "data.options.majority=[child,adult]",
     "data.image_size=32",
     *UTKFACE_TRAIN,
 ]

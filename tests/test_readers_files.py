@@ -637,3 +637,33 @@ def test_registry_knows_the_file_readers() -> None:
     expected = {"waterbirds", "celeba", "celeba_hq", "utkface", "metashift", "spuco_animals"}
     assert expected | {"bffhq", "dogs_cats", "folders", "csv"} <= names
     assert np.all([isinstance(n, str) for n in names])
+
+
+def test_csv_majority_option_declares_the_resplit_direction(tmp_path):
+    """A generic CSV whose classes share their largest attribute cannot say which attribute
+    is bias-aligned; ``majority=`` declares it and the resplit keeps that direction."""
+    from unspur.data.registry import load_dataset
+    from unspur.data.resplit import resplit_bias
+    from unspur.errors import UnspurError
+
+    rows = ["filename,y,a,split"]
+    # Both classes: attribute 1 most frequent; weak association, so the data cannot decide.
+    counts = {(0, 0): 40, (0, 1): 60, (1, 0): 45, (1, 1): 55}
+    for (y, a), n in counts.items():
+        for i in range(n):
+            rows.append(f"img_{y}_{a}_{i}.png,{y},{a},train")
+    rows += ["v0.png,0,0,val", "v1.png,1,1,test"]
+    (tmp_path / "metadata.csv").write_text("\n".join(rows) + "\n")
+    options = {
+        "check_files": False,
+        "class_names": ["male", "female"],
+        "attr_names": ["child", "adult"],
+    }
+    with pytest.raises(UnspurError, match="data.options.majority"):
+        resplit_bias(load_dataset("csv", tmp_path, **options), 0.9)
+    table = load_dataset("csv", tmp_path, **options, majority=["child", "adult"])
+    kept = resplit_bias(table, 0.9).frame
+    train = kept[kept["split"] == "train"]
+    male, female = train[train["y"] == 0], train[train["y"] == 1]
+    assert (male["a"] == 0).mean() == pytest.approx(0.9, abs=0.02)
+    assert (female["a"] == 1).mean() == pytest.approx(0.9, abs=0.02)

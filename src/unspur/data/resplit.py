@@ -133,7 +133,7 @@ def majority_attributes(
         f"{table.name}: cannot tell the majority (bias-aligned) attribute of each class "
         f"from split {split!r} ({counted}): the classes share their largest attribute "
         f"and their association with the attributes is weak (strength {association:.2f} "
-        f"< {MIN_ASSOCIATION}). Declare it: data.options.majority (readers utkface, "
+        f"< {MIN_ASSOCIATION}). Declare it: data.options.majority (readers csv, utkface, "
         "celeba, celeba_hq: one attribute name per class, or a preset such as "
         "majority: ffr / cdb for utkface), or resplit_bias(..., majority=[...])"
     )

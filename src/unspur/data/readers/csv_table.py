@@ -103,12 +103,16 @@ def read_csv_table(
     class_names: list[str] | None = None,
     attr_names: list[str] | None = None,
     check_files: bool = True,
+    majority: list[str] | None = None,
 ) -> GroupTable:
     """Read ``root/<csv>`` with columns ``filename,y,a,split`` (+ ``mask``, ``source``).
 
     ``class_names``/``attr_names`` name the labels in order (comma lists on the command
     line); without them the names are ``class0..`` / ``attr0..`` up to the largest
     label. ``check_files`` checks that every listed image exists under ``root``.
+    ``majority`` declares each class's bias-aligned attribute (one name or id per class,
+    in class order, e.g. ``majority=[child,adult]``) for ``data.bias_ratio``'s resplit,
+    which refuses to guess when the data cannot tell (see :mod:`unspur.data.resplit`).
     """
     root = require_root(root, "csv")
     # The metadata file is where the user says (relative to the root, or absolute):
@@ -200,5 +204,9 @@ def read_csv_table(
         attr_names=attrs,
         name=root.name or "csv",
         mask_store=mask_store,
-        info={"root": str(root), "csv": str(path)},
+        info={
+            "root": str(root),
+            "csv": str(path),
+            **({"majority_attr": list(majority)} if majority is not None else {}),
+        },
     )
