@@ -214,3 +214,21 @@ def test_recipe_refuses_a_missing_data_dir(tmp_path: Path) -> None:
 
     assert main(["pretrain", "cifar10-resnet18", "--data-dir", str(tmp_path / "no"),
                  "--out", str(tmp_path / "o")]) == 2  # fmt: skip
+
+
+def test_recipe_provenance_names_the_commit_of_the_code_it_depends_on():
+    import re
+    import subprocess
+
+    from unspur.pretrain.provenance import cpu_seconds, git_commit
+
+    repo = Path(__file__).resolve().parents[1]
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True)
+    if head.returncode != 0:
+        pytest.skip("not a git checkout")
+    # A committed, unchanged file: HEAD alone; a path nobody changed stays clean too.
+    assert git_commit(["src/unspur/pretrain/provenance.py"]) == head.stdout.strip() or re.fullmatch(
+        r"[0-9a-f]{40}\+local-changes", git_commit(["src/unspur/pretrain/provenance.py"])
+    )
+    assert git_commit(["no/such/path"]) == head.stdout.strip()
+    assert cpu_seconds() > 0

@@ -37,8 +37,6 @@ import json
 import math
 import os
 import platform
-import resource
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -56,6 +54,7 @@ from unspur.errors import ConfigError, DataError
 from unspur.models.checkpoint import save_state
 from unspur.models.factory import build_model
 from unspur.models.resnet import ResNet
+from unspur.pretrain.provenance import cpu_seconds, git_commit
 
 CARD_FORMAT = "unspur.pretrained-card"
 
@@ -163,32 +162,6 @@ def accuracy(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor)
 _RECIPE_CODE = ("src/unspur/pretrain/cifar10.py", "src/unspur/models", "src/unspur/data")
 
 
-def _git_commit() -> str:
-    here = Path(__file__).resolve().parent
-    try:
-        head = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10
-        )
-        dirty = subprocess.run(
-            # tracked changes to the recipe or the model code (not others' new files)
-            ["git", "status", "--porcelain", "--untracked-files=no", "--", *_RECIPE_CODE],
-            cwd=here.parents[2],
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    if head.returncode != 0:
-        return "unknown"
-    return head.stdout.strip() + ("+local-changes" if dirty.stdout.strip() else "")
-
-
-def _cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
 def train_cifar10_backbone(
     data_dir: str | os.PathLike[str],
     out: str | os.PathLike[str],
@@ -219,8 +192,8 @@ def train_cifar10_backbone(
     if limit is not None and limit < 1:
         raise ConfigError(f"--limit must be at least 1 image per class, got {limit}")
     out = Path(out)
-    wall0, cpu0, load0 = time.perf_counter(), _cpu_seconds(), os.getloadavg()
-    commit = _git_commit()  # the code that runs, before anything can change it
+    wall0, cpu0, load0 = time.perf_counter(), cpu_seconds(), os.getloadavg()
+    commit = git_commit(_RECIPE_CODE)  # the code that runs, before anything can change it
     torch.set_num_threads(recipe.threads)
     torch.manual_seed(recipe.seed)
 
@@ -276,7 +249,7 @@ def train_cifar10_backbone(
             "train_loss": round(loss_sum / seen, 4),
             "train_accuracy": round(correct / seen, 4),
             "wall_seconds": round(time.perf_counter() - wall0, 1),
-            "cpu_seconds": round(_cpu_seconds() - cpu0, 1),
+            "cpu_seconds": round(cpu_seconds() - cpu0, 1),
         }
         history.append(row)
         log(
@@ -292,7 +265,7 @@ def train_cifar10_backbone(
     model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in half.items()})
     acc16 = accuracy(model, test_x, test_y)
     use_half = acc32 - acc16 <= recipe.fp16_tolerance
-    wall, cpu, load1 = time.perf_counter() - wall0, _cpu_seconds() - cpu0, os.getloadavg()
+    wall, cpu, load1 = time.perf_counter() - wall0, cpu_seconds() - cpu0, os.getloadavg()
     log(f"test accuracy {acc32:.4f} (fp32), {acc16:.4f} (fp16 weights)")
 
     weights_name = f"{name}.safetensors"

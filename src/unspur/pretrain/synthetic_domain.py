@@ -43,9 +43,7 @@ import argparse
 import hashlib
 import json
 import platform
-import resource
 import shlex
-import subprocess
 import sys
 import time
 from datetime import datetime, timezone
@@ -68,6 +66,7 @@ from unspur.generate.domain import (
     train_domain_model,
 )
 from unspur.io import atomic_dir
+from unspur.pretrain.provenance import cpu_seconds, git_commit
 
 NAME = "synthetic-domain"
 CARD_FILE = "card.json"
@@ -143,31 +142,8 @@ def check_disjoint(table: GroupTable, draws=BENCHMARK_DRAWS) -> dict[str, Any]:
     }
 
 
-def _git_commit() -> str:
-    here = Path(__file__).resolve().parent
-    try:
-        head = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10
-        )
-        dirty = subprocess.run(
-            [
-                "git",
-                "status",
-                "--porcelain",
-                "--",
-                ":(top)src/unspur/generate",
-                ":(top)src/unspur/pretrain/synthetic_domain.py",
-            ],
-            cwd=here,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    if head.returncode != 0:
-        return "unknown"
-    return head.stdout.strip() + (" (with uncommitted changes)" if dirty.stdout.strip() else "")
+#: The code the generator weights depend on (for the card's "+local-changes" flag).
+_RECIPE_CODE = ("src/unspur/generate", "src/unspur/pretrain/synthetic_domain.py")
 
 
 def portable_command(command: list[str]) -> str:
@@ -195,11 +171,6 @@ def _scrub_paths(folder: Path) -> None:
         if isinstance(config, dict) and "_name_or_path" in config:
             del config["_name_or_path"]
             path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-
-
-def _cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
 
 
 def _sha256(path: Path) -> str:
@@ -317,7 +288,7 @@ def build_card(model: DomainModel, table: GroupTable, disjoint: dict[str, Any], 
             "diffusers": diffusers.__version__,
             "transformers": transformers.__version__,
         },
-        "git_commit": _git_commit(),
+        "git_commit": git_commit(_RECIPE_CODE),
         "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "license": "trained by unspur on procedurally generated images; same terms as unspur",
     }
@@ -340,7 +311,7 @@ def train_shipped_generator(
     """Train (or resume, or reuse) the domain model in ``work`` and export the shipped
     copy to ``out/NAME``; returns its card."""
     torch.set_num_threads(threads)
-    wall0, cpu0 = time.perf_counter(), _cpu_seconds()
+    wall0, cpu0 = time.perf_counter(), cpu_seconds()
     table = draw(data_seed, n_train, bias)
     disjoint = check_disjoint(table)
     if not disjoint["disjoint"]:
@@ -358,7 +329,7 @@ def train_shipped_generator(
     card = build_card(
         model, table, disjoint,
         data_seed=data_seed, bias=bias, threads=threads,
-        wall=time.perf_counter() - wall0, cpu=_cpu_seconds() - cpu0,
+        wall=time.perf_counter() - wall0, cpu=cpu_seconds() - cpu0,
         command=command or ["python", "-m", "unspur.pretrain.synthetic_domain"],
     )  # fmt: skip
     card = export_shipped(model, Path(out) / NAME, card, fp16=fp16)
