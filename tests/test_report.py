@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from unspur.compare import COLUMN, DIFF_COLUMN
 from unspur.config import load_config
 from unspur.data.store import ArrayStore
 from unspur.data.table import GroupTable
@@ -299,7 +300,17 @@ def stress_summary() -> dict:
     return {
         "dataset": "utkface",
         "seeds": [0, 1, 2],
-        "table": [{"method": m, "supervision": "✓", "seeds": 3} for m in methods],
+        # The columns `unspur compare` writes, with their widest realistic cells.
+        "table": [
+            {
+                "method": m,
+                "supervision": "✓✓",
+                **{column: "100.0 ± 12.3" for column in COLUMN.values()},
+                "n": 3,
+                DIFF_COLUMN: "-" if m == "erm" else "+21.0 [-110.3, +152.3]",
+            }
+            for m in methods
+        ],
         "aggregate": aggregate,
         "groups": {m: [close[(i + g) % 5] for g in range(4)] for i, m in enumerate(methods)},
         "group_names": LONG_NAMES,

@@ -53,7 +53,7 @@ h3 { font-size: 1.05em; overflow-wrap: anywhere; }
 p, dd, li, figcaption { overflow-wrap: anywhere; }
 table { border-collapse: collapse; margin: 0.6em 0; max-width: 100%; }
 th, td { border: 1px solid #ccc; padding: 3px 8px; text-align: right; white-space: nowrap; }
-th { background: #f3f3f3; }
+th { background: #f3f3f3; white-space: normal; }  /* long headers wrap; numbers do not */
 td.l, th.l { text-align: left; white-space: normal; overflow-wrap: break-word; }
 .charts { display: flex; flex-wrap: wrap; gap: 16px; }
 .chart { display: block; max-width: 100%; height: auto; background: #fff;
