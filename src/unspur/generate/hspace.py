@@ -374,9 +374,7 @@ def ddim_sample_with_h(
         return eps_target, plain
 
     eta: EtaSchedule = 0.0 if t_boost is None else boost_eta(t_boost)
-    generators = None if seeds is None else image_generators(seeds)
-    if generators is not None and len(generators) != batch:
-        raise UnspurError(f"{len(generators)} seeds for {batch} images")
+    generators = _seeded_generators(seeds, batch)
     with hooks:
         return ddim_reverse(
             unet,
@@ -389,6 +387,16 @@ def ddim_sample_with_h(
             generators=generators,
             clip_sample=clip_sample,
         )
+
+
+def _seeded_generators(seeds: Sequence[int] | None, batch: int) -> list[torch.Generator] | None:
+    """One generator per image from ``seeds`` (None without seeds); the count must match."""
+    if seeds is None:
+        return None
+    generators = image_generators(seeds)
+    if len(generators) != batch:
+        raise UnspurError(f"{len(generators)} seeds for {batch} images")
+    return generators
 
 
 # ------------------------------------------------------- DiffInject's official process
@@ -564,9 +572,7 @@ def diffstyle_sample(
             return eps, plain * dt_lambda
         return eps, plain
 
-    generators = None if seeds is None else image_generators(seeds)
-    if generators is not None and len(generators) != batch:
-        raise UnspurError(f"{len(generators)} seeds for {batch} images")
+    generators = _seeded_generators(seeds, batch)
     with hooks:
         return ddim_reverse(
             unet,
