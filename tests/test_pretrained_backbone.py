@@ -232,3 +232,17 @@ def test_recipe_provenance_names_the_commit_of_the_code_it_depends_on():
     )
     assert git_commit(["no/such/path"]) == head.stdout.strip()
     assert cpu_seconds() > 0
+
+
+def test_shipped_backbone_is_refused_on_a_dataset_its_card_rules_out() -> None:
+    """The CIFAR-10 backbone has seen Corrupted CIFAR-10's images and labels (card
+    ``not_for``): a config that starts from it there is an error, elsewhere it is fine."""
+    model = {
+        "arch": "resnet18",
+        "pretrained": "unspur:cifar10-resnet18",
+        "options": {"small_images": True, "width": 16},
+    }
+    with pytest.raises(UnspurError, match="corrupted_cifar10.*seen its labels"):
+        config_from_dict({"data": {"name": "corrupted_cifar10"}, "model": model})
+    config = config_from_dict({"data": {"name": "synthetic"}, "model": model})
+    assert config.model.pretrained == "unspur:cifar10-resnet18"

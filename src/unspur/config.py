@@ -393,7 +393,24 @@ def validate(config: RunConfig, train_path: str = "train") -> RunConfig:
                 f"on the command line, e.g. --set {path}={choices[0]}"
             )
     check_ranges(config, train_path)
+    _check_shipped_backbone(config)
     return config
+
+
+def _check_shipped_backbone(config: RunConfig) -> None:
+    """Refuse a shipped backbone on a dataset its card rules out (``not_for``)."""
+    from unspur.models.shipped import is_shipped_name, not_for_reason
+
+    source = config.model.pretrained
+    if not is_shipped_name(source):
+        return
+    reason = not_for_reason(str(source), config.data.name)
+    if reason:
+        raise ConfigError(
+            f"model.pretrained={source} must not be used with data.name={config.data.name}: "
+            f"{reason}. Train from scratch (model.pretrained: null) or use a backbone that "
+            "has not seen this benchmark's images"
+        )
 
 
 def config_from_dict(values: dict[str, Any]) -> RunConfig:

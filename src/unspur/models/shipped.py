@@ -103,6 +103,20 @@ def shipped_weights(source: str) -> Iterator[Path]:
         yield path
 
 
+def not_for_reason(source: str, dataset: str) -> str | None:
+    """Why the shipped backbone ``source`` must not be used on ``dataset``, or None.
+
+    A card's ``not_for`` entries read ``"<dataset name>: <reason>"``; e.g. the CIFAR-10
+    backbone has seen the labels of Corrupted CIFAR-10's images, so fine-tuning it there
+    would leak the benchmark's training labels into a "pretrained" start.
+    """
+    for entry in shipped_card(source).get("not_for") or []:
+        name, _, reason = str(entry).partition(":")
+        if name.strip().lower() == dataset.strip().lower():
+            return reason.strip() or "its card lists this dataset under not_for"
+    return None
+
+
 def shipped_hint(source: str) -> str:
     """What a model must be built as to take the shipped backbone (for mismatch errors)."""
     try:
