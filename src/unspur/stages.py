@@ -67,9 +67,21 @@ def digest(values: Any) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+def _data_inputs(data: dict[str, Any]) -> dict[str, Any]:
+    """The data section with ``root`` resolved to an absolute path, so that
+    ``--data-dir ../shared/data`` and the same folder spelled absolutely (or through a
+    symlink) are the same input and do not train twice."""
+    data = dict(data)
+    if data.get("root"):
+        data["root"] = str(Path(str(data["root"])).expanduser().resolve())
+    return data
+
+
 def run_inputs(config: RunConfig) -> dict[str, Any]:
     """What a whole run depends on: the resolved config without :data:`COSMETIC_KEYS`."""
-    return _drop_cosmetic(config.to_dict())
+    values = _drop_cosmetic(config.to_dict())
+    values["data"] = _data_inputs(values["data"])
+    return values
 
 
 def run_fingerprint(config: RunConfig) -> str:
@@ -139,7 +151,7 @@ class StagedContext(RunContext):
         inputs: dict[str, Any] = {
             "stage": stage,
             "seed": config.seed,
-            "data": _jsonable(asdict(config.data)),
+            "data": _data_inputs(_jsonable(asdict(config.data))),
             "model": _jsonable(asdict(config.model)),
             "train": _drop_cosmetic(asdict(train_config), "train"),
             "train_set": _dataset_signature(train if train is not None else self.train),
