@@ -97,6 +97,20 @@ def test_methods_lists_erm(capsys):
     assert "erm" in capsys.readouterr().out
 
 
+def test_methods_shows_the_supervision_a_default_run_records(capsys):
+    """DiffInject selects by validation accuracy by default, so its runs record x; the
+    listing said ✓ (its worst-group option's supervision)."""
+    from unspur.methods.base import get_method
+
+    assert main(["methods"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert any(line.split()[:2] == ["diffinject", "x"] for line in lines)
+    assert any(line.split()[:2] == ["groupdro", "✓✓"] for line in lines)
+    diffinject = get_method("diffinject")
+    assert diffinject.supervision.given_selection("average").symbol == "x"
+    assert diffinject.supervision.given_selection("worst_group").symbol == "✓"
+
+
 DEBUG = helpers.DEBUG
 
 

@@ -280,7 +280,7 @@ def cmd_methods(args: argparse.Namespace) -> None:
     from unspur.methods.base import available_methods
 
     for name, method in available_methods().items():
-        print(f"{name:<16} {method.supervision.symbol:<3} {method.summary}")
+        print(f"{name:<16} {method.default_supervision().symbol:<3} {method.summary}")
         for key, value in method.defaults.items():
             print(f"    {key} = {value!r}")
 

@@ -123,9 +123,21 @@ class Method:
     # True when the method starts from the reference ERM model (``reference_model()``),
     # so a comparison can hand it the ERM run's model instead of training ERM again.
     uses_reference: ClassVar[bool] = False
+    # The option that sets the method's own selection rule, for a method that ignores
+    # ``train.selection`` (DiffInject's ``final_selection``); None: ``train.selection``.
+    selection_option: ClassVar[str | None] = None
 
     def run(self, context: RunContext) -> tuple[nn.Module, FitResult]:
         raise NotImplementedError
+
+    @classmethod
+    def default_supervision(cls) -> Supervision:
+        """The supervision a run with default options records (``unspur methods`` shows
+        it): a method whose own default selection rule reads no group label (DiffInject
+        selects by validation accuracy) is x, although its worst-group option is ✓."""
+        if cls.selection_option is None:
+            return cls.supervision
+        return cls.supervision.given_selection(str(cls.defaults[cls.selection_option]))
 
     @classmethod
     def resolve_options(cls, options: dict[str, Any]) -> dict[str, Any]:

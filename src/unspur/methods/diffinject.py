@@ -524,6 +524,7 @@ class DiffInject(Method):
 
     name = "diffinject"
     supervision = Supervision(train_group_labels=False, val_group_labels=True)
+    selection_option = "final_selection"
     summary = "diffusion h-space content injection of top-loss samples into bias-aligned ones"
     defaults = {
         "q": 0.7,
