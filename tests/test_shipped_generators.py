@@ -56,6 +56,7 @@ def test_both_pipelines_load_by_name_offline_and_draw_32px_images():
     settings = GenerationSettings(steps=2, guidance_scale=4.0)
     text2image = generator_for(NAME, "text2image", device="cpu", cache=False)
     assert text2image.dtype == torch.float32  # fp16 files load into fp32 on a CPU
+    assert text2image.weights_id == f"{NAME}/text2image"  # the name, not the install path
     images = text2image.text_to_image("a photo of a cross on land", [0], settings)
     assert images[0].size == (32, 32)
 
@@ -165,3 +166,4 @@ def test_ffr_runs_with_the_shipped_generator_by_name(tmp_path):
     info = json.loads((tmp_path / "ffr" / "budget.json").read_text())
     assert info["generation"]["example_prompts"]["cross / land"] == "a photo of a cross on land"
     assert sum(info["generation"]["used_per_group"]) > 0
+    assert info["generation"]["weights"] == f"{NAME}/text2image"

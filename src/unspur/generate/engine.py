@@ -121,4 +121,8 @@ def generator_for(
     (textual-inversion tokens, LoRA) into it.
     """
     weights = pipeline_weights(spec, task, table=table, run_dir=run_dir, domain=domain)
-    return load_generator(weights, task, device=device, dtype=dtype, cache=cache)
+    generator = load_generator(weights, task, device=device, dtype=dtype, cache=cache)
+    if is_shipped_name(spec):
+        # records name the shipped generator, not this machine's install folder
+        generator.weights_id = f"{str(spec).strip()}/{task}"
+    return generator
