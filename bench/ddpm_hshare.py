@@ -4,8 +4,10 @@ DiffInject injects content through the U-Net bottleneck (h-space); that only wor
 the decoder reads h (:func:`~unspur.generate.hspace.h_share`: swap h alone between two
 images and see how far the predicted x0 moves, 0 = ignored, 1 = h decides). This script
 trains the bench's CPU-sized P2 DDPM (``bench/diffinject.py``'s architecture) for a fixed
-number of steps, optionally with training-time skip dropout
-(:func:`~unspur.generate.ddpm.skip_dropout`), and measures h_share on held-out pairs.
+number of steps, optionally with the skip connections of the lowest decoder levels cut
+(``--no-skip-below``, :func:`~unspur.generate.ddpm.remove_skips`) and/or training-time
+skip dropout (:func:`~unspur.generate.ddpm.skip_dropout`), measures h_share on held-out
+pairs, and (``--grid``) saves a grid of DDIM samples to judge whether it still draws digits.
 
 Training data (disjoint from the benchmark's biased training split): the Colored MNIST
 training digits coloured *unbiased* (``conflict_ratio=0.9``: every colour equally often
@@ -31,6 +33,37 @@ from pathlib import Path
 import torch
 
 
+def _cpu_seconds() -> float:
+    """User + system CPU time of this process so far."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _save_grid(model, scheduler, path: Path, n: int) -> None:
+    """``n`` DDIM samples (40 deterministic steps, seeds 0..n-1) as one PNG grid."""
+    import math
+
+    import numpy as np
+    from PIL import Image
+
+    from unspur.generate.ddpm import ddim_sample
+
+    images = ddim_sample(model, scheduler, seeds=list(range(n)), steps=40)
+    images = ((images.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    side = math.ceil(math.sqrt(n))
+    size = images.shape[1]
+    grid = np.zeros((side * (size + 2), side * (size + 2), 3), dtype=np.uint8)
+    for i, image in enumerate(images):
+        row, col = divmod(i, side)
+        grid[
+            row * (size + 2) : row * (size + 2) + size, col * (size + 2) : col * (size + 2) + size
+        ] = image
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(grid).resize((grid.shape[1] * 2, grid.shape[0] * 2), Image.NEAREST).save(path)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", type=Path, required=True, help="folder with mnist/")
@@ -43,6 +76,11 @@ def main() -> int:
     parser.add_argument("--channels", default="32,64,64,128")
     parser.add_argument("--skip-dropout", type=float, default=0.0, help="probability")
     parser.add_argument("--skip-levels", default="", help="up-block indices, e.g. 0,1")
+    parser.add_argument(
+        "--no-skip-below", type=int, default=0, help="cut the skips of this many lowest levels"
+    )
+    parser.add_argument("--grid", type=Path, default=None, help="PNG of DDIM samples")
+    parser.add_argument("--grid-n", type=int, default=36, help="samples in the grid")
     parser.add_argument("--pairs", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -64,8 +102,15 @@ def main() -> int:
     channels = tuple(int(c) for c in args.channels.split(","))
     levels = [int(i) for i in args.skip_levels.split(",")] if args.skip_levels else None
     torch.manual_seed(args.seed)
-    unet = build_ddpm_unet(args.size, 3, block_out_channels=channels, layers_per_block=1)
+    unet = build_ddpm_unet(
+        args.size,
+        3,
+        block_out_channels=channels,
+        layers_per_block=1,
+        no_skip_below=args.no_skip_below,
+    )
     started = time.perf_counter()
+    cpu_started = _cpu_seconds()
     trained = train_ddpm(
         unet,
         splits.train,
@@ -86,6 +131,7 @@ def main() -> int:
         skip_dropout_levels=levels,
     )
     seconds = time.perf_counter() - started
+    cpu_seconds = _cpu_seconds() - cpu_started
     model = trained.unet.eval()
     images = DiffusionImages(splits.val, image_size=args.size)
     picked = torch.randperm(len(splits.val), generator=torch.Generator().manual_seed(0))
@@ -100,16 +146,21 @@ def main() -> int:
         "command": " ".join(sys.argv),
         "steps": args.steps,
         "train_seconds": round(seconds, 1),
+        "train_cpu_seconds": round(cpu_seconds, 1),
         "threads": torch.get_num_threads(),
         "n_train_images": len(splits.train),
         "n_params": sum(p.numel() for p in model.parameters()),
         "h_shape": f"{channels[-1]}x{args.size // 2 ** (len(channels) - 1)}px",
+        "no_skip_below": args.no_skip_below,
         "skip_dropout": args.skip_dropout,
         "skip_levels": levels,
         "loss_log": logged,
         "pairs_different_digit": int((y != y.roll(1)).sum()),
         "h_share": shares,
     }
+    if args.grid is not None:
+        record["grid"] = str(args.grid)
+        _save_grid(model, trained.scheduler, args.grid, args.grid_n)
     (args.out / "hshare.json").write_text(json.dumps(record, indent=2))
     print(json.dumps(record, indent=2))
     return 0

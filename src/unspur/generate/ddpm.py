@@ -9,7 +9,9 @@ parts that are not about h-space:
 
 * :func:`p2_weights` and :func:`train_ddpm` -- epsilon-prediction training through the
   one generative loop, :func:`unspur.generate.training.train_steps`;
-* :func:`build_ddpm_unet` -- an unconditional or class-conditional ``UNet2DModel``;
+* :func:`build_ddpm_unet` -- an unconditional or class-conditional ``UNet2DModel``,
+  optionally with the skip connections of its lowest decoder levels cut
+  (:func:`remove_skips`) so that the decoder has to read h;
 * :func:`save_ddpm` / :func:`load_ddpm` -- one directory in the ``DDPMPipeline`` layout
   (``model_index.json``, ``unet/``, ``scheduler/``), so ``DDPMPipeline.from_pretrained``
   reads what is saved here and hub checkpoints such as ``google/ddpm-celebahq-256``
@@ -118,6 +120,7 @@ def build_ddpm_unet(
     norm_num_groups: int | None = None,
     dropout: float = 0.0,
     num_train_timesteps: int = 1000,
+    no_skip_below: int = 0,
 ) -> Any:
     """A ``UNet2DModel`` for ``image_size`` px images with ``channels`` channels.
 
@@ -132,6 +135,8 @@ def build_ddpm_unet(
     the lowest level only, is a CPU-sized model (1.2 M parameters, h of shape
     ``(64, size/4, size/4)``). ``**ADM_64`` gives the P2 paper's 64 px layout (92 M).
     Res blocks use scale-shift normalisation of the timestep, as ADM does.
+    ``no_skip_below`` > 0 cuts the skip connections into that many of the lowest
+    decoder levels (:func:`remove_skips`; our choice, to make the decoder read h).
     """
     from diffusers import UNet2DModel
 
@@ -152,7 +157,7 @@ def build_ddpm_unet(
         )
     down = tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attention)
     up = tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention))
-    return UNet2DModel(
+    unet = UNet2DModel(
         sample_size=image_size,
         in_channels=channels,
         out_channels=channels,
@@ -167,6 +172,9 @@ def build_ddpm_unet(
         num_class_embeds=num_classes,
         num_train_timesteps=num_train_timesteps,
     )
+    if no_skip_below:
+        remove_skips(unet, no_skip_below)
+    return unet
 
 
 def build_ddpm_scheduler(num_train_timesteps: int = 1000, beta_schedule: str = "linear") -> Any:
@@ -313,14 +321,7 @@ def skip_dropout(unet: Any, p: float, levels: Sequence[int] | None = None) -> It
         keep["mask"] = kept.view(-1, 1, 1, 1)
 
     def drop(module, args, kwargs):
-        mask = keep["mask"]
-        if "res_hidden_states_tuple" in kwargs:
-            kwargs["res_hidden_states_tuple"] = tuple(
-                r * mask for r in kwargs["res_hidden_states_tuple"]
-            )
-        else:
-            args = (args[0], tuple(r * mask for r in args[1]), *args[2:])
-        return args, kwargs
+        return _map_skips(args, kwargs, lambda r: r * keep["mask"])
 
     handles = [unet.register_forward_pre_hook(draw, with_kwargs=True)]
     handles += [blocks[i].register_forward_pre_hook(drop, with_kwargs=True) for i in chosen]
@@ -329,6 +330,66 @@ def skip_dropout(unet: Any, p: float, levels: Sequence[int] | None = None) -> It
     finally:
         for handle in handles:
             handle.remove()
+
+
+def _map_skips(args: tuple, kwargs: dict, fn: Callable[[torch.Tensor], torch.Tensor]):
+    """Apply ``fn`` to every skip tensor of one up-block call (a forward pre-hook's
+    ``(args, kwargs)``); diffusers passes them as ``res_hidden_states_tuple``."""
+    if "res_hidden_states_tuple" in kwargs:
+        kwargs["res_hidden_states_tuple"] = tuple(fn(r) for r in kwargs["res_hidden_states_tuple"])
+    else:
+        args = (args[0], tuple(fn(r) for r in args[1]), *args[2:])
+    return args, kwargs
+
+
+#: The ``unet.config`` entry that records :func:`remove_skips` (a private key, so
+#: diffusers saves it in ``config.json`` and restores it on load without a warning);
+#: :func:`load_ddpm` re-applies the cut.
+NO_SKIP_KEY = "_unspur_no_skip_below"
+
+
+def _cut_skips(module, args, kwargs):
+    return _map_skips(args, kwargs, torch.zeros_like)
+
+
+def remove_skips(unet: Any, no_skip_below: int) -> Any:
+    """Cut the skip connections into the lowest ``no_skip_below`` decoder levels, for good.
+
+    The up blocks ``unet.up_blocks[:no_skip_below]`` (index 0 = the lowest level, next to
+    the middle block) receive zeros in place of the encoder's skip tensors, so what they
+    compute depends on the input only through the middle block's output h: the coarse
+    half of the decoder has to read h, which is what DiffInject's h-space injection
+    needs (measured with :func:`~unspur.generate.hspace.h_share`). Our choice, not in
+    the DiffInject, Asyrp or P2 papers (their ADM keeps every skip); the issue's
+    structural lever, measured in ``bench/results/ddpm_hshare.md``.
+
+    Zeros rather than narrower convolutions keep diffusers' ``UNet2DModel`` and its
+    weight layout (the weights that would read the skips receive zeros and no
+    gradient). The cut is a forward pre-hook, recorded in ``unet.config`` under
+    :data:`NO_SKIP_KEY`: :func:`save_ddpm` writes it and :func:`load_ddpm` restores it
+    (``DDPMPipeline.from_pretrained`` alone would load the model without the cut).
+    ``no_skip_below = 0`` restores every skip. Returns ``unet`` (changed in place).
+    """
+    blocks = list(unet.up_blocks)
+    if not 0 <= int(no_skip_below) <= len(blocks):
+        raise ConfigError(
+            f"no_skip_below must be in 0..{len(blocks)} (the U-Net's decoder levels), "
+            f"got {no_skip_below}"
+        )
+    for handle in getattr(unet, "_unspur_skip_cuts", []):
+        handle.remove()
+    unet._unspur_skip_cuts = [
+        block.register_forward_pre_hook(_cut_skips, with_kwargs=True)
+        for block in blocks[: int(no_skip_below)]
+    ]
+    unet.register_to_config(**{NO_SKIP_KEY: int(no_skip_below)})
+    return unet
+
+
+def skips_removed_below(unet: Any) -> int:
+    """How many of the lowest decoder levels have no skip connections (see
+    :func:`remove_skips`); 0 for a plain U-Net."""
+    return int(unet.config.get(NO_SKIP_KEY, 0) or 0)
 
 
 @dataclass
@@ -404,6 +465,8 @@ def train_ddpm(
         "beta_schedule": beta_schedule,
         "random_flip": random_flip,
     }
+    if skips_removed_below(unet):
+        settings["no_skip_below"] = skips_removed_below(unet)
     if skip_dropout_p:
         settings["skip_dropout_p"] = float(skip_dropout_p)
         settings["skip_dropout_levels"] = (
@@ -520,6 +583,8 @@ def load_ddpm(
             scheduler = DDPMScheduler.from_pretrained(source, subfolder=layout)
         except OSError:
             scheduler = DDPMScheduler.from_pretrained(source)
+    if skips_removed_below(unet):
+        remove_skips(unet, skips_removed_below(unet))
     if device is not None:
         unet.to(device)
     unet.eval()
