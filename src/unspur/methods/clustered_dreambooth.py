@@ -531,6 +531,11 @@ class ClusteredDreamBooth(Method):
                     "group": g.group,
                     "cluster": g.cluster,
                     "instance_images": len(g.indices),
+                    # what the cluster holds, by true training group (for bench tables)
+                    "instance_groups": {
+                        real.group_name(int(h)): int(n)
+                        for h, n in zip(*np.unique(groups[g.indices], return_counts=True))
+                    },
                     "instance_prompt": g.instance_prompt,
                     "lora_dir": str(g.lora_dir) if g.lora_dir else None,
                 }
