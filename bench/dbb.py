@@ -193,7 +193,7 @@ def main() -> int:
         print(rows[-1], flush=True)
         if ig is None and not args.skip_ig:
             from unspur.config import load_config
-            from unspur.models.checkpoint import load_checkpoint
+            from unspur.models.restore import load_checkpoint
             from unspur.pipeline import prepare_data
 
             prepared = prepare_data(load_config(None, BASE))

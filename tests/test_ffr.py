@@ -30,7 +30,7 @@ from unspur.methods.ffr import (
     grayscale_score,
     with_source_groups,
 )
-from unspur.models.checkpoint import load_checkpoint
+from unspur.models.restore import load_checkpoint
 from unspur.pipeline import run
 from unspur.train.probe import real_vs_synthetic_probe
 

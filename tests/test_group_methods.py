@@ -17,8 +17,9 @@ from unspur.data.table import GroupTable
 from unspur.data.transforms import Compose
 from unspur.errors import ConfigError
 from unspur.methods.lff import LfFPair
-from unspur.models.checkpoint import load_checkpoint, save_checkpoint
+from unspur.models.checkpoint import save_checkpoint
 from unspur.models.factory import build_model
+from unspur.models.restore import load_checkpoint
 from unspur.train.group_objectives import (
     GroupDROObjective,
     LfFObjective,

@@ -130,7 +130,7 @@ def test_dfr_starts_from_the_final_erm_checkpoint_by_default(method, tmp_path):
     from helpers import DEBUG
 
     from unspur.config import load_config
-    from unspur.models.checkpoint import load_checkpoint
+    from unspur.models.restore import load_checkpoint
     from unspur.pipeline import run
 
     assert DFRVal.defaults["base_model"] == DFRTrain.defaults["base_model"] == "final"

@@ -31,7 +31,7 @@ from unspur.methods.mac import (
     MaCObjective,
     integrated_gradients_map,
 )
-from unspur.models.checkpoint import load_checkpoint
+from unspur.models.restore import load_checkpoint
 from unspur.models.small_cnn import MLP, SmallCNN
 from unspur.pipeline import run
 from unspur.train.interventions import batch_mean_colour, combine, draw_partners, remove

@@ -141,7 +141,7 @@ def test_pyproject_ships_the_weights_as_package_data() -> None:
     assert "weights/*.safetensors" in patterns and "weights/*.json" in patterns
 
 
-@pytest.mark.parametrize("module", ["checkpoint", "factory", "resnet"])
+@pytest.mark.parametrize("module", ["checkpoint", "factory", "resnet", "restore"])
 def test_each_models_module_imports_alone(module: str) -> None:
     done = subprocess.run(
         [sys.executable, "-c", f"import unspur.models.{module}"],

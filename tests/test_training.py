@@ -14,8 +14,8 @@ from unspur.data.dataset import GroupDataset
 from unspur.data.store import ArrayStore
 from unspur.data.table import GroupTable
 from unspur.data.transforms import Compose
-from unspur.models.checkpoint import load_checkpoint
 from unspur.models.factory import build_model
+from unspur.models.restore import load_checkpoint
 from unspur.train.loop import fit, resolve_selection
 from unspur.train.objectives import Objective
 

@@ -259,7 +259,7 @@ def cmd_report(args: argparse.Namespace) -> None:
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from unspur.config import load_config
     from unspur.evaluate.metrics import format_metrics
-    from unspur.models.checkpoint import load_checkpoint
+    from unspur.models.restore import load_checkpoint
     from unspur.pipeline import evaluate_model, prepare_data
 
     run_dir = Path(args.run)

@@ -36,8 +36,9 @@ from unspur.evaluate.metrics import DEFINITIONS, GroupMetrics
 from unspur.evaluate.predict import evaluate_split
 from unspur.io import atomic_write_json, atomic_write_text
 from unspur.methods.base import RunContext, get_method
-from unspur.models.checkpoint import load_checkpoint, save_checkpoint
+from unspur.models.checkpoint import save_checkpoint
 from unspur.models.factory import build_model
+from unspur.models.restore import load_checkpoint
 from unspur.stages import (
     RUN_FILE,
     STAGE_FILE,

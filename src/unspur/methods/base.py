@@ -103,7 +103,7 @@ class RunContext:
         later stage or rerun).
         """
         if self.config.method.reference:
-            from unspur.models.checkpoint import load_checkpoint
+            from unspur.models.restore import load_checkpoint
 
             return load_checkpoint(self.config.method.reference)
         model = self.build_model()

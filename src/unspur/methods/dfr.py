@@ -545,7 +545,7 @@ def dfr_base_model(context: RunContext, which: str) -> tuple[nn.Module, dict[str
             "base_model": "reference as given (no final checkpoint)",
             "base_model_dir": source,
         }
-    from unspur.models.checkpoint import load_checkpoint
+    from unspur.models.restore import load_checkpoint
 
     return load_checkpoint(final), {"base_model": "final", "base_model_dir": str(final)}
 

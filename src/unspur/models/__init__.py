@@ -8,7 +8,6 @@ from unspur.models.checkpoint import (
     WeightsReport,
     check_state_dict,
     load_backbone_weights,
-    load_checkpoint,
     load_state,
     read_checkpoint_meta,
     read_state_dict,
@@ -30,6 +29,7 @@ from unspur.models.resnet import (
     resnet18,
     resnet50,
 )
+from unspur.models.restore import load_checkpoint
 from unspur.models.small_cnn import MLP, SmallCNN
 
 __all__ = [

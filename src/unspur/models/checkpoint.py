@@ -26,7 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from unspur.errors import CheckpointError, ConfigError
+from unspur.errors import CheckpointError
 from unspur.io import atomic_write_with
 from unspur.models.base import Classifier
 from unspur.models.shipped import is_shipped_name, shipped_hint, shipped_weights
@@ -369,32 +369,3 @@ def load_weights(
     check_state_dict(model, state, weights)
     model.load_state_dict(state, strict=True)
     return model
-
-
-def load_checkpoint(
-    directory: str | os.PathLike[str],
-    device: str | torch.device = "cpu",
-    verify: bool = True,
-) -> Classifier:
-    """Rebuild the model described by ``directory/model.json`` and load its weights strictly.
-
-    Any missing, unexpected or misshapen key raises a :class:`CheckpointError` naming
-    the keys and the file. With ``verify`` the weights' SHA-256 must match the one
-    recorded at save time (catches a ``model.safetensors`` from another run). The
-    model is returned in eval mode on ``device``.
-    """
-    # factory (and resnet) import this module for load_backbone_weights; importing the
-    # factory here, at call time, keeps the module graph acyclic (each module imports alone).
-    from unspur.models.factory import build_model
-
-    directory = Path(directory)
-    meta = read_checkpoint_meta(directory)
-    try:
-        model = build_model(meta["arch"], int(meta["n_classes"]), **dict(meta["options"]))
-    except ConfigError as err:
-        raise CheckpointError(
-            f"cannot rebuild the model of {directory / META_FILE}: {err}"
-        ) from err
-    load_weights(model, directory, verify)
-    model.pretrained = meta.get("pretrained")
-    return model.to(device).eval()
