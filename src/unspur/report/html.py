@@ -126,6 +126,14 @@ def figures_section(run_dir: Path, results: dict[str, Any]) -> list[Section]:
     return sections
 
 
+def generated_section(run_dir: Path, results: dict[str, Any]) -> list[Section]:
+    """Sample grids of every synthetic store of the run (:mod:`unspur.report.samples`)."""
+    from unspur.report.samples import run_grids
+
+    grids = run_grids(run_dir, results)
+    return [Section("Generated images (samples)", grids)] if grids else []
+
+
 # ------------------------------------------------------------------ pieces
 def _page(title: str, body: list[str]) -> str:
     return "\n".join(
@@ -310,7 +318,7 @@ def render_run_report(run_dir: str | Path, results: dict[str, Any] | None = None
     if inference:
         body.append("<h2>Group inference</h2>")
         body.append(f"<pre>{escape(json.dumps(inference, indent=2, default=str))}</pre>")
-    for provider in (figures_section, *SECTION_PROVIDERS):
+    for provider in (figures_section, generated_section, *SECTION_PROVIDERS):
         for section in provider(run_dir, results):
             body.append(f"<h2>{escape(section.title)}</h2>")
             body.append(section.html)
@@ -383,6 +391,7 @@ def render_compare_report(out_dir: str | Path, summary: dict[str, Any]) -> str:
         body.append(_table(["group", *ordered], grows))
     body.append("<h2>Data: images per group</h2>")
     body += _group_counts(summary.get("group_counts", []))
+    body += _generated_grids(summary)
     body.append("<h2>Runs</h2>")
     run_rows = []
     for run in summary.get("runs", []):
@@ -410,6 +419,25 @@ def render_compare_report(out_dir: str | Path, summary: dict[str, Any]) -> str:
     if summary.get("command"):
         body.append(f"<p class='note'>command: <code>{escape(summary['command'])}</code></p>")
     return _page(title, body)
+
+
+def _generated_grids(summary: dict[str, Any]) -> list[str]:
+    """Per run of a generative method, a sample grid of its generated images."""
+    from unspur.report.samples import run_grids
+
+    out = []
+    for run in summary.get("runs", []):
+        run_dir = Path(run["run_dir"])
+        results_path = run_dir / "results.json"
+        try:
+            results = json.loads(results_path.read_text()) if results_path.is_file() else {}
+        except ValueError:
+            results = {}
+        grids = run_grids(run_dir, results, per_group=6)
+        if grids:
+            out.append(f"<h3>{escape(str(run['method']))}, seed {escape(str(run['seed']))}</h3>")
+            out.append(grids)
+    return ["<h2>Generated images (samples)</h2>", *out] if out else []
 
 
 def write_compare_report(out_dir: str | Path, summary: dict[str, Any]) -> Path:
