@@ -300,3 +300,122 @@ def generated_judged(run_dir: Path, results: dict[str, Any]) -> dict[str, Any]:
 
 # Measurements kept in modules of their own register themselves on import.
 from unspur.bench import timings  # noqa: E402, F401
+
+
+# ----------------------------------------------------------------- DiffInject (issue 18)
+def _judge(folder: Path) -> tuple[Any, Any, dict[str, Any]] | None:
+    """A ``build: judge`` asset's model, its eval transform and its record, or None."""
+    record = _read_json(Path(folder) / "asset.json")
+    if not isinstance(record, dict) or record.get("build") != "judge":
+        return None
+    from unspur.data.transforms import eval_transform
+    from unspur.models.restore import load_checkpoint
+
+    t = record["transform"]
+    transform = eval_transform(int(t["image_size"]), float(t["crop_ratio"]), bool(t["normalize"]))
+    return load_checkpoint(Path(folder) / "model"), transform, record
+
+
+def colour_rule(image: Any) -> int:
+    """Colored MNIST's colour (index into the reader's ``PALETTE``) by a fixed rule, no
+    training: the mean colour of the stroke's core (pixels at least 80% as bright as the
+    brightest), nearest palette colour in RGB."""
+    from unspur.data.readers.colored_mnist import PALETTE
+
+    pixels = np.asarray(image.convert("RGB"), dtype=np.float32).reshape(-1, 3) / 255.0
+    bright = pixels.max(axis=1)
+    core = pixels[bright >= 0.8 * bright.max()] if bright.max() > 0 else pixels
+    return int(np.argmin(((PALETTE - core.mean(axis=0)) ** 2).sum(axis=1)))
+
+
+@register("diffinject_judged")
+def diffinject_judged(run_dir: Path, results: dict[str, Any]) -> dict[str, Any]:
+    """DiffInject's synthetic images judged (``diffinject_synthetic/``, each with its
+    content and style image's labels): the share in percent showing the *content*
+    image's class and the *style* image's class (by the suite's ``target: y`` judge
+    asset), and keeping the style image's bias attribute (by a ``target: a`` judge, or
+    on Colored MNIST by :func:`colour_rule`). Judges are suite assets (``build: judge``
+    in the setting's ``uses``); nothing is trained here. Empty for other runs."""
+    import torch
+    from PIL import Image
+
+    from unspur.generate.store import SyntheticStore
+
+    root = run_dir / "diffinject_synthetic"
+    if not root.is_dir():
+        return {}
+    store = SyntheticStore(root)
+    rows = [r for r in store.done().values() if "content_y" in (r.get("extra") or {})]
+    if not rows:
+        return {}
+    judges = [j for j in map(_judge, (results.get("bench_assets") or {}).values()) if j]
+    by_target = {record["target"]: (model, tf) for model, tf, record in judges}
+    dataset = ((results.get("config") or {}).get("data") or {}).get("name")
+
+    def predict(target: str) -> np.ndarray | None:
+        if target not in by_target:
+            return None
+        model, transform = by_target[target]
+        out = []
+        with torch.no_grad():
+            for i in range(0, len(rows), 256):
+                batch = []
+                for r in rows[i : i + 256]:
+                    with Image.open(store.path(r["filename"])) as image:
+                        batch.append(transform(image.convert("RGB")))
+                out.append(model(torch.stack(batch)).argmax(1).numpy())
+        return np.concatenate(out)
+
+    extra = [r["extra"] for r in rows]
+    content_y = np.array([e["content_y"] for e in extra])
+    style_y = np.array([e["style_y"] for e in extra])
+    style_a = np.array([e["style_a"] for e in extra])
+    columns: dict[str, Any] = {"synthetic judged": len(rows)}
+    digit = predict("y")
+    if digit is not None:
+        columns["content class shown"] = 100.0 * float(np.mean(digit == content_y))
+        columns["style class shown"] = 100.0 * float(np.mean(digit == style_y))
+    bias = predict("a")
+    rule = bias is None and dataset == "colored_mnist"
+    if rule:
+        bias = []
+        for r in rows:
+            with Image.open(store.path(r["filename"])) as image:
+                bias.append(colour_rule(image))
+        bias = np.asarray(bias)
+    if bias is not None:
+        columns["style bias kept"] = 100.0 * float(np.mean(bias == style_a))
+        columns["bias judged by"] = "colour rule" if rule else "judge"
+    if digit is not None and bias is not None:
+        both = (digit == content_y) & (bias == style_a)
+        columns["content class + style bias"] = 100.0 * float(np.mean(both))
+    return columns
+
+
+@register("ddpm_h_share")
+def ddpm_h_share(run_dir: Path, results: dict[str, Any]) -> dict[str, Any]:
+    """The h_share of the DDPM a DiffInject run loaded (``method.options.ddpm``), as its
+    ``build: ddpm`` asset measured it on held-out pairs (median, t = 700 / 500 / 300):
+    0 = the decoder ignores h, 1 = h alone decides. Empty without such an asset."""
+    ddpm = ((results.get("config") or {}).get("method") or {}).get("options", {}).get("ddpm")
+    if not ddpm:
+        return {}
+    for folder in (Path(ddpm), Path(ddpm).parent):
+        record = _read_json(folder / "asset.json")
+        if isinstance(record, dict) and record.get("build") == "ddpm":
+            shares = (record.get("h_share") or {}).get("by_t") or {}
+            return {f"h_share t={t}": float(v["median"]) for t, v in shares.items()}
+    return {}
+
+
+@register("test_accuracy")
+def test_accuracy(run_dir: Path, results: dict[str, Any]) -> dict[str, Any]:
+    """Plain accuracy on the test split, in percent: the "unbiased accuracy" of LfF-style
+    tables (Colored MNIST, Corrupted CIFAR-10), whose test split is unbiased."""
+    test = (results.get("metrics") or {}).get("test") or {}
+    return {} if test.get("accuracy") is None else {"test acc. (%)": _percent(test["accuracy"])}
+
+
+# Measurements kept in modules of their own register themselves on import (after
+# everything above, which they use).
+from unspur.bench import generated, timings  # noqa: E402, F401

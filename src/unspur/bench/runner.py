@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from unspur.bench.assets import asset_folder, build_domain_model, relation
+from unspur.bench.assets import asset_folder, build_asset, relation
 from unspur.bench.measurements import measure
 from unspur.bench.provenance import Clock, machine_paths, provenance, provenance_lines
 from unspur.bench.suite import ASSET_REF, Suite, load_suite, oracle_mark, pipeline_symbol
@@ -182,7 +182,9 @@ def run_setting(
     for r in summary["runs"]:
         run_dir = Path(r["run_dir"])
         results = json.loads((run_dir / "results.json").read_text())
-        columns = measure(suite.measurements, run_dir, results)
+        assets = {n: str(folders[n]) for n in suite.assets_of(name, r["method"])
+                  if n in (folders or {})}  # fmt: skip
+        columns = measure(suite.measurements, run_dir, {**results, "bench_assets": assets})
         cost = run_dir / "cost.json"
         cpu = json.loads(cost.read_text()).get("cpu_seconds") if cost.is_file() else None
         config = configs[(r["method"], r["seed"])]
@@ -430,9 +432,7 @@ def run_suite(
     written, everything, records = [], {}, {}
     for asset in built:
         spec = suite.assets[asset]
-        folder, records[asset] = build_domain_model(
-            asset, spec.data, spec.seed, spec.options, work, log
-        )
+        folder, records[asset] = build_asset(asset, spec, work, log, folders)
         assert folder == folders[asset]
     for name in names:
         log(f"== {suite.name}: setting {name}")

@@ -338,7 +338,7 @@ def _check_refs(where: str, overrides: list[str], assets: dict, path: Path) -> N
 
 def _built_asset(name: str, spec: dict[str, Any], path: Path) -> Asset:
     """An asset the runner builds (a generator), checked: builder, data, seed, options."""
-    from unspur.bench.assets import BUILDERS, check_domain_options, domain_labels
+    from unspur.bench.assets import BUILDERS, asset_labels, check_asset_options
 
     where = f"suite {path}: assets.{name}"
     if spec["build"] not in BUILDERS:
@@ -359,11 +359,11 @@ def _built_asset(name: str, spec: dict[str, Any], path: Path) -> Asset:
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise ConfigError(f"{where}.seed must be an integer, got {seed!r}")
     options = _mapping(spec.get("options"), f"assets.{name}.options", path)
-    check_domain_options(options, f"{where}.options")
+    check_asset_options(str(spec["build"]), options, f"{where}.options")
     return Asset(
         name,
         None,
-        domain_labels(options),
+        asset_labels(str(spec["build"]), options),
         str(spec.get("what", "")),
         str(spec["build"]),
         data,

@@ -275,6 +275,10 @@ def injection_requests(
                     "content_index": int(c),
                     "style_index": int(s),
                     "style": train.filenames[s],
+                    # what the bench's judges compare with (diffinject_judged)
+                    "content_y": int(train.y[c]),
+                    "style_y": int(train.y[s]),
+                    "style_a": int(train.a[s]),
                     **settings,
                 },
             )
