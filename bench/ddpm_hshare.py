@@ -7,7 +7,9 @@ trains the bench's CPU-sized P2 DDPM (``bench/diffinject.py``'s architecture) fo
 number of steps, optionally with the skip connections of the lowest decoder levels cut
 (``--no-skip-below``, :func:`~unspur.generate.ddpm.remove_skips`) and/or training-time
 skip dropout (:func:`~unspur.generate.ddpm.skip_dropout`), measures h_share on held-out
-pairs, and (``--grid``) saves a grid of DDIM samples to judge whether it still draws digits.
+pairs (also after the steps ``--measure-at``: the run stops there, measures the EMA
+weights and resumes from its checkpoint, which gives the same training as one run), and
+(``--grid``) saves a grid of DDIM samples to judge whether it still draws digits.
 
 Training data (disjoint from the benchmark's biased training split): the Colored MNIST
 training digits coloured *unbiased* (``conflict_ratio=0.9``: every colour equally often
@@ -82,6 +84,9 @@ def main() -> int:
     parser.add_argument("--grid", type=Path, default=None, help="PNG of DDIM samples")
     parser.add_argument("--grid-n", type=int, default=36, help="samples in the grid")
     parser.add_argument("--pairs", type=int, default=32)
+    parser.add_argument(
+        "--measure-at", default="", help="also measure h_share after these steps, e.g. 500,1000"
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
@@ -109,38 +114,46 @@ def main() -> int:
         layers_per_block=1,
         no_skip_below=args.no_skip_below,
     )
-    started = time.perf_counter()
-    cpu_started = _cpu_seconds()
-    trained = train_ddpm(
-        unet,
-        splits.train,
-        GenerativeTrainConfig(
-            steps=args.steps,
-            batch_size=args.batch,
-            learning_rate=args.lr,
-            warmup_steps=args.warmup,
-            ema_decay=0.9999,
-            seed=args.seed,
-            save_every=max(args.steps, 1),
-            log_every=50,
-        ),
-        args.out,
-        p2_gamma=1.0,
-        p2_k=1.0,
-        skip_dropout_p=args.skip_dropout,
-        skip_dropout_levels=levels,
-    )
-    seconds = time.perf_counter() - started
-    cpu_seconds = _cpu_seconds() - cpu_started
-    model = trained.unet.eval()
     images = DiffusionImages(splits.val, image_size=args.size)
     picked = torch.randperm(len(splits.val), generator=torch.Generator().manual_seed(0))
     x = torch.stack([images[int(i)]["x"] for i in picked[: args.pairs]])
     y = splits.val.y[picked[: args.pairs]]
-    shares = {}
-    for t in (700, 500, 300):
-        share = h_share(model, trained.scheduler, x, x.roll(1, 0), t)
-        shares[t] = {"median": float(share.median()), "mean": float(share.mean())}
+    milestones = sorted({int(m) for m in args.measure_at.split(",") if m} | {args.steps})
+    if milestones[0] < 1 or milestones[-1] > args.steps:
+        parser.error(f"--measure-at must lie in 1..--steps ({args.steps}), got {args.measure_at}")
+    curve, seconds, cpu_seconds = [], 0.0, 0.0
+    for milestone in milestones:  # each stage resumes the last one's checkpoint exactly
+        started, cpu_started = time.perf_counter(), _cpu_seconds()
+        trained = train_ddpm(
+            unet,
+            splits.train,
+            GenerativeTrainConfig(
+                steps=milestone,
+                batch_size=args.batch,
+                learning_rate=args.lr,
+                warmup_steps=args.warmup,
+                ema_decay=0.9999,
+                seed=args.seed,
+                save_every=milestone,
+                log_every=50,
+            ),
+            args.out,
+            p2_gamma=1.0,
+            p2_k=1.0,
+            skip_dropout_p=args.skip_dropout,
+            skip_dropout_levels=levels,
+        )
+        seconds += time.perf_counter() - started
+        cpu_seconds += _cpu_seconds() - cpu_started
+        model = trained.unet.eval()  # the EMA weights
+        shares = {}
+        for t in (700, 500, 300):
+            share = h_share(model, trained.scheduler, x, x.roll(1, 0), t)
+            shares[t] = {"median": float(share.median()), "mean": float(share.mean())}
+        curve.append(
+            {"step": milestone, "train_cpu_seconds": round(cpu_seconds, 1), "h_share": shares}
+        )
+        print(json.dumps(curve[-1]), flush=True)
     logged = trained.result.losses  # running means every 50 steps
     record = {
         "command": " ".join(sys.argv),
@@ -157,6 +170,7 @@ def main() -> int:
         "loss_log": logged,
         "pairs_different_digit": int((y != y.roll(1)).sum()),
         "h_share": shares,
+        "curve": curve,
     }
     if args.grid is not None:
         record["grid"] = str(args.grid)

@@ -419,3 +419,63 @@ def test_accuracy(run_dir: Path, results: dict[str, Any]) -> dict[str, Any]:
 # Measurements kept in modules of their own register themselves on import (after
 # everything above, which they use).
 from unspur.bench import generated, timings  # noqa: E402, F401
+
+
+@register("diffinject_content")
+def diffinject_content(run_dir: Path, results: dict[str, Any]) -> dict[str, Any]:
+    """DiffInject's top-K content samples scored against the true bias-conflicting ones
+    (``diffinject_content.json``; the method read no bias label, this is the record) and
+    the number of synthetic images it planned."""
+    record = _read_json(run_dir / "diffinject_content.json")
+    if not isinstance(record, dict):
+        return {}
+    truth = record.get("content_against_true_groups") or {}
+    return {
+        "top-K truly conflicting (precision)": truth.get("precision"),
+        "synthetic planned": record.get("n_synthetic"),
+    }
+
+
+#: Columns of the DiffInject sample grid (the first synthetic images, in key order).
+SAMPLE_COLUMNS = 12
+
+
+@register("diffinject_samples")
+def diffinject_samples(run_dir: Path, results: dict[str, Any]) -> dict[str, Any]:
+    """A grid of DiffInject's first synthetic images (rows: content, style, injected),
+    written once as ``diffinject_samples.png`` in the run folder; the content and style
+    images come from the run's own data config (read again, nothing trained)."""
+    from PIL import Image
+
+    from unspur.config import config_from_dict
+    from unspur.generate.store import SyntheticStore
+
+    root = run_dir / "diffinject_synthetic"
+    path = run_dir / "diffinject_samples.png"
+    if not path.is_file():
+        if not root.is_dir() or not results.get("config"):
+            return {}
+        store = SyntheticStore(root)
+        rows = [store.done()[k] for k in sorted(store.done())][:SAMPLE_COLUMNS]
+        rows = [r for r in rows if "content_index" in (r.get("extra") or {})]
+        if not rows:
+            return {}
+        from unspur.data.dataset import GroupDataset
+        from unspur.pipeline import prepare_table
+
+        table = prepare_table(config_from_dict(results["config"]))
+        train = GroupDataset(table.split("train"), None)
+        tile = 32
+        canvas = Image.new("RGB", (tile * len(rows), tile * 3))
+        for i, r in enumerate(rows):
+            with Image.open(store.path(r["filename"])) as made:
+                images = [train.raw(int(r["extra"]["content_index"])),
+                          train.raw(int(r["extra"]["style_index"])), made.convert("RGB")]  # fmt: skip
+            for j, image in enumerate(images):
+                canvas.paste(image.resize((tile, tile)), (i * tile, j * tile))
+        canvas.resize((canvas.width * 2, canvas.height * 2), Image.NEAREST).save(path)
+    try:  # the results folder gets a copy where the runner publishes artefacts
+        from unspur.bench.artefacts import Artefact
+    except ImportError:
+        return {"samples (content / style / injected)": path.name}
+    return {"samples (content / style / injected)": Artefact(path)}

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from unspur.bench.artefacts import publish
 from unspur.bench.assets import asset_folder, build_asset, relation
 from unspur.bench.measurements import measure
 from unspur.bench.provenance import Clock, machine_paths, provenance, provenance_lines
@@ -300,6 +301,7 @@ def write_setting(
 ) -> Path:
     """``OUT/<setting>.md``, ``.csv`` and ``_runs.csv``; returns the markdown path."""
     stem = re.sub(r"[^A-Za-z0-9._-]+", "_", name)
+    publish(table, run_rows, out, stem)  # files a measurement made (sample grids)
     setting = suite.settings[name]
     lines = [
         f"# {suite.name}: {name}",

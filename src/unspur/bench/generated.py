@@ -1,0 +1,169 @@
+"""Measurements of the images a run generated: a sample grid, and trained judges' verdicts.
+
+Every generative method (USB, ASB, FFR, DBB, Clustered DreamBooth, DiffInject) keeps its
+images in a :class:`~unspur.generate.store.SyntheticStore` under its run directory; each
+manifest row records the group ``(y, a)`` the image was asked to show. Two measurements
+read them (was ``bench/clustered_dreambooth.py``'s, ``bench/ffr.py``'s,
+``bench/domain_model.py``'s and ``bench/shipped_generators.py``'s judging loops, now one):
+
+* ``samples``: a PNG grid, one row per requested group, of the first kept images, written
+  into the run directory and published next to the table (:mod:`unspur.bench.artefacts`).
+* ``judge_verdicts``: the class and the bias attribute of every kept image as
+  ``build: judge`` assets of the suite see them (classifiers trained on real images,
+  :func:`unspur.bench.assets.build_judge`), against what was asked: overall and per
+  requested group. A judge is trained by the suite, never here; the synthetic
+  benchmark's background is also judged by a fixed rule (``generated_judged``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from unspur.bench.artefacts import Artefact
+from unspur.bench.measurements import _judge, register
+
+#: Images per group in a sample grid, their enlargement and the grid's padding (our
+#: choice, as the legacy grids: 12 images, 3x nearest-neighbour).
+GRID_IMAGES, GRID_SCALE, GRID_PAD, LABEL_WIDTH = 12, 3, 2, 110
+SAMPLES_FILE = "samples.png"
+
+
+def generated_rows(run_dir: Path) -> list[tuple[Path, dict[str, Any]]]:
+    """(store root, manifest row) of every image the run generated and kept (the store's
+    ``kept``, and a method's own filter when it records one beside the store: see
+    :func:`_selected`), stores in path order, rows in request order."""
+    from unspur.errors import UnspurError
+    from unspur.generate.store import SyntheticStore
+
+    roots = sorted({p.parent.parent for p in Path(run_dir).glob("**/manifest/part-*.jsonl")})
+    found = []
+    for root in roots:
+        try:
+            rows = list(SyntheticStore(root).rows().values())
+        except UnspurError:  # a corrupt part: measured without this store
+            continue
+        rows.sort(key=lambda r: (int(r.get("index", 0)), str(r["key"])))
+        if any("kept" in r for r in rows):
+            rows = [r for r in rows if r.get("kept")]
+        chosen = _selected(root.parent / "filter.csv")
+        if chosen is not None:
+            rows = [r for r in rows if str(r["key"]) in chosen]
+        found += [(root, r) for r in rows if (root / str(r.get("filename", ""))).is_file()]
+    return found
+
+
+def _selected(path: Path) -> set[str] | None:
+    """The keys a method's own filter kept (Clustered DreamBooth's CLIP filter writes
+    ``filter.csv`` beside its store, with ``key`` and ``selected``), or None."""
+    if not path.is_file():
+        return None
+    import pandas as pd
+
+    frame = pd.read_csv(path)
+    if not {"key", "selected"} <= set(frame.columns):
+        return None
+    chosen = frame["selected"].astype(str).str.strip().str.lower().isin(("true", "1", "1.0"))
+    return set(frame.loc[chosen, "key"].astype(str))
+
+
+def group_names(results: dict[str, Any]) -> dict[tuple[int, int], str]:
+    """``(y, a) -> "circle / water"`` from the run's recorded group counts (group
+    ``g = y * n_attrs + a``); empty when the run did not record them."""
+    records = (results.get("data") or {}).get("group_counts") or []
+    attributes = list(dict.fromkeys(str(r.get("a")) for r in records))
+    names = {}
+    for r in records:
+        if "g" in r and attributes:
+            g = int(r["g"])
+            names[(g // len(attributes), g % len(attributes))] = f"{r.get('y')} / {r.get('a')}"
+    return names
+
+
+def sample_grid(rows: list[tuple[Path, dict[str, Any]]], names: dict, path: Path) -> None:
+    """One row per requested group ``(y, a)``, its first :data:`GRID_IMAGES` images,
+    enlarged without smoothing, the group's name at the left."""
+    from PIL import Image, ImageDraw
+
+    groups: dict[tuple[int, int], list[Path]] = {}
+    for root, row in rows:
+        groups.setdefault((int(row["y"]), int(row["a"])), []).append(root / str(row["filename"]))
+    with Image.open(rows[0][0] / str(rows[0][1]["filename"])) as first:
+        size = first.size[0] * GRID_SCALE
+    width = max(len(v[:GRID_IMAGES]) for v in groups.values())
+    canvas = Image.new(
+        "RGB",
+        (
+            LABEL_WIDTH + width * (size + GRID_PAD) + GRID_PAD,
+            len(groups) * (size + GRID_PAD) + GRID_PAD,
+        ),
+        "white",
+    )
+    draw = ImageDraw.Draw(canvas)
+    for r, (group, files) in enumerate(sorted(groups.items())):
+        top = GRID_PAD + r * (size + GRID_PAD)
+        label = names.get(group, f"y={group[0]}, a={group[1]}")
+        draw.text((4, top + size // 2 - 5), f"{label} ({len(files)})", fill="black")
+        for c, file in enumerate(files[:GRID_IMAGES]):
+            with Image.open(file) as image:
+                tile = image.convert("RGB").resize((size, size), Image.NEAREST)
+            canvas.paste(tile, (LABEL_WIDTH + GRID_PAD + c * (size + GRID_PAD), top))
+    canvas.save(path)
+
+
+@register("samples")
+def samples(run_dir: Path, results: dict[str, Any]) -> dict[str, Any]:
+    """A grid of the run's generated (kept) images, a row per requested group with its
+    name and image count; published next to the table for each method's first seed.
+    Empty for a run that generated nothing."""
+    path = run_dir / SAMPLES_FILE
+    if not path.is_file():
+        rows = generated_rows(run_dir)
+        if not rows:
+            return {}
+        sample_grid(rows, group_names(results), path)
+    return {"samples": Artefact(path)}
+
+
+@register("judge_verdicts")
+def judge_verdicts(run_dir: Path, results: dict[str, Any]) -> dict[str, Any]:
+    """The run's generated (kept) images judged by the suite's ``build: judge`` assets
+    that the setting ``uses``: the share (percent) whose class (``target: y`` judge) and
+    bias attribute (``target: a`` judge) are what the image was asked to show, over all
+    images, and both together per requested group (``as asked: circle / water``); the
+    judges' own validation accuracy on real images is in the assets' records. Empty
+    without judges or generated images."""
+    import torch
+    from PIL import Image
+
+    judges = [j for j in map(_judge, (results.get("bench_assets") or {}).values()) if j]
+    rows = generated_rows(run_dir) if judges else []
+    if not rows:
+        return {}
+    verdicts: dict[str, np.ndarray] = {}
+    for model, transform, record in judges:
+        predicted = []
+        with torch.no_grad():
+            for start in range(0, len(rows), 256):
+                batch = []
+                for root, row in rows[start : start + 256]:
+                    with Image.open(root / str(row["filename"])) as image:
+                        batch.append(transform(image.convert("RGB")))
+                predicted.append(model(torch.stack(batch)).argmax(1).numpy())
+        target = record["target"]
+        asked = np.array([int(row[target]) for _, row in rows])
+        verdicts[target] = np.concatenate(predicted) == asked
+    names = group_names(results)
+    columns: dict[str, Any] = {"judged images": len(rows)}
+    for target, what in (("y", "class"), ("a", "attribute")):
+        if target in verdicts:
+            columns[f"{what} as asked (judge)"] = 100.0 * float(verdicts[target].mean())
+    both = np.logical_and.reduce(list(verdicts.values()))
+    groups = np.array([(int(r["y"]), int(r["a"])) for _, r in rows])
+    for group in sorted({tuple(g) for g in groups.tolist()}):
+        members = (groups == group).all(axis=1)
+        label = names.get(group, f"y={group[0]}, a={group[1]}")
+        columns[f"as asked: {label}"] = 100.0 * float(both[members].mean())
+    return columns
