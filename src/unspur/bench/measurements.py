@@ -147,11 +147,16 @@ def dbb_pruning(run_dir: Path, results: dict[str, Any]) -> dict[str, Any]:
 def bg_probe(run_dir: Path, results: dict[str, Any]) -> dict[str, Any]:
     """FFR's (B, G) diagnostic: mean over groups of a linear probe's accuracy telling real
     from synthetic images in the final model's features (0.5 = chance, i.e. mixed), from
-    the ``probe.json`` an FFR / USB / ASB run writes in its method folder."""
+    the ``probe.json`` an FFR / USB / ASB run writes in its method folder; and each
+    group's (``probe: <group>``; absent where a group lacks real or synthetic images)."""
     for path in sorted(run_dir.glob("*/probe.json")):
         record = _read_json(path)
         if isinstance(record, dict) and record.get("mean_accuracy") is not None:
-            return {"real-vs-synthetic probe": float(record["mean_accuracy"])}
+            columns = {"real-vs-synthetic probe": float(record["mean_accuracy"])}
+            for group in record.get("groups") or []:
+                if isinstance(group, dict) and group.get("accuracy") is not None:
+                    columns[f"probe: {group.get('name')}"] = float(group["accuracy"])
+            return columns
     return {}
 
 
@@ -296,10 +301,6 @@ def generated_judged(run_dir: Path, results: dict[str, Any]) -> dict[str, Any]:
         if values:
             columns[f"background as asked: {RULE_BACKGROUNDS[a]}"] = 100.0 * float(np.mean(values))
     return columns
-
-
-# Measurements kept in modules of their own register themselves on import.
-from unspur.bench import timings  # noqa: E402, F401
 
 
 # ----------------------------------------------------------------- DiffInject (issue 18)

@@ -108,6 +108,7 @@ def read_utkface(
     archive: str = "UTKFace.tar.gz",
     majority: Any = None,
     train_groups: Any = None,
+    train_skip: Any = None,
 ) -> GroupTable:
     """UTKFace with y = ``target`` and a = ``bias``, each one of gender, age and race.
 
@@ -131,6 +132,10 @@ def read_utkface(
     ``train_groups`` subsamples the training split (drawn by ``seed``) to fixed group
     sizes: ``cdb_original`` (:data:`TRAIN_GROUP_PRESETS`, Clustered DreamBooth A.3, gender
     x age only; declares ``majority: cdb`` unless given) or four counts in group order.
+    ``train_skip`` (counts in group order) passes over the first images of that same
+    seeded draw before taking ``train_groups``: with the same ``seed``, ``train_groups: A``
+    and ``train_groups: B, train_skip: A`` hold no image in common (a generator's training
+    images held out of a benchmark's, as bench/suites/ffr_utkface.yaml uses it).
     """
     if root is None:
         raise ConfigError(
@@ -200,7 +205,9 @@ def read_utkface(
     frame.insert(3, "split", assign_splits(frame, val_fraction, test_fraction, seed))
     preset_name = train_groups if isinstance(train_groups, str) else None
     if train_groups is not None:
-        frame = _subsample_train(frame, train_groups, target, bias, seed)
+        frame = _subsample_train(frame, train_groups, target, bias, seed, train_skip)
+    elif train_skip is not None:
+        raise ConfigError("dataset 'utkface': train_skip needs train_groups (what to take)")
         if majority is None and preset_name == "cdb_original":
             majority = "cdb"
 
@@ -220,6 +227,8 @@ def read_utkface(
     }
     if train_groups is not None:
         info["train_groups"] = preset_name or [int(n) for n in train_groups]
+    if train_skip is not None:
+        info["train_skip"] = [int(n) for n in train_skip]
     return GroupTable(
         frame=frame,
         store=store,
@@ -258,9 +267,10 @@ def _majority_info(majority: Any, target: str, bias: str) -> dict[str, Any]:
 
 
 def _subsample_train(
-    frame: pd.DataFrame, train_groups: Any, target: str, bias: str, seed: int
+    frame: pd.DataFrame, train_groups: Any, target: str, bias: str, seed: int, skip: Any = None
 ) -> pd.DataFrame:
-    """Keep exactly ``train_groups`` training images per group (group order), by ``seed``."""
+    """Keep exactly ``train_groups`` training images per group (group order), by ``seed``,
+    after the first ``skip`` images of each group's draw (none by default)."""
     if isinstance(train_groups, str):
         if train_groups not in TRAIN_GROUP_PRESETS:
             raise ConfigError(
@@ -283,18 +293,29 @@ def _subsample_train(
             f"dataset 'utkface': train_groups needs {n_groups} non-negative counts (one per "
             f"group, in group order), got {train_groups!r}"
         )
+    skips = [0] * n_groups if skip is None else list(skip) if isinstance(skip, list | tuple) else []
+    if len(skips) != n_groups or not all(
+        isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in skips
+    ):
+        raise ConfigError(
+            f"dataset 'utkface': train_skip needs {n_groups} non-negative counts (one per "
+            f"group, in group order), got {skip!r}"
+        )
     rng = np.random.default_rng([abs(int(seed)), 3])
     groups = (frame["y"] * n_attrs + frame["a"]).to_numpy()
     train = (frame["split"] == "train").to_numpy()
     drop = np.zeros(len(frame), dtype=bool)
-    for g, n in enumerate(wanted):
+    for g, (n, k) in enumerate(zip(wanted, skips)):
         members = np.flatnonzero(train & (groups == g))
-        if len(members) < n:
+        if len(members) < n + k:
             raise DataError(
-                f"utkface: train_groups asks for {n} training images of group {g} but the "
-                f"split has {len(members)}; lower val_fraction/test_fraction"
+                f"utkface: train_groups asks for {n} training images of group {g}"
+                + (f" after skipping {k}" if k else "")
+                + f" but the split has {len(members)}; lower val_fraction/test_fraction"
             )
-        drop[rng.permutation(members)[n:]] = True
+        order = rng.permutation(members)  # the same draw whatever n and k are
+        drop[order[:k]] = True
+        drop[order[k + n :]] = True
     return frame[~drop].reset_index(drop=True)
 
 
