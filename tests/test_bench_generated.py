@@ -138,3 +138,30 @@ def test_a_generating_suite_judges_and_publishes_its_images(tmp_path, capsys):
     assert (out / "tiny_usb_seed0_samples.png").is_file()
     md = (out / "tiny.md").read_text()
     assert "(tiny_usb_seed0_samples.png)" in md and "judge built by this suite" in md
+
+
+def test_the_generators_suite_judges_every_generator_through_one_runner():
+    """bench/domain_model.py, shipped_generators.py and generation.py as one suite: each
+    generator is drawn from by ASB (every group) and DBB (inpainting), judged by judge
+    assets (which add no supervision), timed by generation_overhead."""
+    from pathlib import Path
+
+    from unspur.bench import load_suite
+
+    suite = load_suite(Path(__file__).resolve().parents[1] / "bench/suites/generators.yaml")
+    assert {"judge_verdicts", "generated_judged", "samples", "generation_overhead"} <= set(
+        suite.measurements
+    )
+    judges = {a.options["target"] for a in suite.assets.values() if a.build == "judge"}
+    assert judges == {"y", "a"} and set(suite.settings["synthetic-99"].uses) == {
+        "shape_judge",
+        "background_judge",
+    }
+    drawing = {v.label: v for v in suite.variants.values() if v.method != "erm"}
+    for variant in drawing.values():
+        generator = [o for o in variant.overrides if o.startswith("method.options.generator=")]
+        assert generator, variant.label
+    assert {v.method for v in drawing.values()} == {"asb", "dbb"}
+    assert all(v.oracle for v in drawing.values() if v.method == "dbb")  # exact masks
+    assert suite.asset_supervision("synthetic-99", "asb_shipped") == 0
+    assert suite.asset_supervision("synthetic-99", "asb_recipe") == 2  # captions name a
