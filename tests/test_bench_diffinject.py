@@ -174,6 +174,7 @@ def _fake_run(run: Path, rows: list[tuple[int, int, int, int, int]]) -> None:
     requests = [
         GenerationRequest(key=f"inject-{i}", prompt=None, seed=i, y=cy, a=sa, parent="p",
                           extra={"content_y": cy, "style_y": sy, "style_a": sa,
+                                 "content_index": i, "style_index": i + 1,
                                  "shown": shown, "colour": colour})
         for i, (cy, sy, sa, shown, colour) in enumerate(rows)
     ]  # fmt: skip
@@ -199,14 +200,14 @@ def test_diffinject_judged_counts_content_style_and_colour(tmp_path, monkeypatch
     # (content y, style y, style a, digit shown, colour shown)
     rows = [(1, 2, 3, 1, 3), (1, 2, 3, 2, 3), (4, 5, 6, 4, 0), (7, 8, 9, 8, 1)]
     _fake_run(tmp_path / "run", rows)
-    judge = (_BarJudge(), eval_transform(28, 1.0, False), {"target": "y"})
+    judge = (_BarJudge(), eval_transform(28, 1.0, False), {"target": "y", "val_accuracy": 0.9})
     monkeypatch.setattr(
         measurements, "_judge", lambda folder: judge if "j" in str(folder) else None
     )
     results = {"config": {"data": {"name": "colored_mnist"}},
                "bench_assets": {"judge": "j", "ddpm": "d"}}  # fmt: skip
     got = measure(["diffinject_judged"], tmp_path / "run", results)
-    assert got["synthetic judged"] == 4
+    assert got["synthetic judged"] == 4 and got["judge of y: val acc. (%)"] == 90.0
     assert got["content class shown"] == 50.0 and got["style class shown"] == 50.0
     assert got["style bias kept"] == 50.0 and got["bias judged by"] == "colour rule"
     assert got["content class + style bias"] == 25.0
@@ -233,7 +234,8 @@ def test_the_diffinject_suite_parses_with_the_papers_table_1():
     suite = load_suite(REPO / "bench/suites/diffinject.yaml")
     assert suite.seeds == [0, 1, 2] and list(suite.variants) == ["erm", "lff", "diffinject"]
     assert set(suite.settings) == {"colored_mnist-1%", "corrupted_cifar10-1%"}
-    assert {"diffinject_judged", "ddpm_h_share", "test_accuracy"} <= set(suite.measurements)
+    assert {"diffinject_judged", "diffinject_content", "ddpm_h_share", "test_accuracy",
+            "diffinject_samples"} <= set(suite.measurements)  # fmt: skip
     cm, cc = suite.assets["cmnist_ddpm"], suite.assets["ccifar_ddpm"]
     assert cm.build == cc.build == "ddpm" and cc.options["images"] == "clean_cifar10"
     # the DDPM never sees the biased split: unbiased recolouring, another colouring seed
@@ -286,3 +288,19 @@ def test_the_suite_runs_end_to_end_on_fixture_data(tmp_path, capsys):
     md = (out / "colored_mnist-1_.md").read_text()
     assert "`cmnist_ddpm`: ddpm built by this suite" in md and "Table 1" in md
     assert "cmnist_digit_judge" in md and str(tmp_path) not in md
+
+
+def test_diffinject_content_and_sample_grid(tmp_path):
+    run = tmp_path / "run"
+    _fake_run(run, [(1, 2, 3, 1, 3), (4, 5, 6, 4, 0)])
+    record = {"n_synthetic": 2, "content_against_true_groups": {"precision": 0.25}}
+    (run / "diffinject_content.json").write_text(json.dumps(record))
+    mnist = write_mnist(tmp_path / "mnist")
+    config = {"data": {"name": "colored_mnist", "root": str(mnist), "image_size": 28}}
+    got = measure(["diffinject_content", "diffinject_samples"], run, {"config": config})
+    assert got["top-K truly conflicting (precision)"] == 0.25 and got["synthetic planned"] == 2
+    grid = run / "diffinject_samples.png"
+    assert str(got["samples (content / style / injected)"]) == grid.name
+    with Image.open(grid) as image:
+        assert image.size == (2 * 32 * 2, 3 * 32 * 2)
+    assert measure(["diffinject_content", "diffinject_samples"], tmp_path, {"config": config}) == {}

@@ -351,6 +351,7 @@ def diffinject_judged(run_dir: Path, results: dict[str, Any]) -> dict[str, Any]:
         return {}
     judges = [j for j in map(_judge, (results.get("bench_assets") or {}).values()) if j]
     by_target = {record["target"]: (model, tf) for model, tf, record in judges}
+    accuracy = {record["target"]: record.get("val_accuracy") for _, _, record in judges}
     dataset = ((results.get("config") or {}).get("data") or {}).get("name")
 
     def predict(target: str) -> np.ndarray | None:
@@ -372,6 +373,8 @@ def diffinject_judged(run_dir: Path, results: dict[str, Any]) -> dict[str, Any]:
     style_y = np.array([e["style_y"] for e in extra])
     style_a = np.array([e["style_a"] for e in extra])
     columns: dict[str, Any] = {"synthetic judged": len(rows)}
+    for target, value in accuracy.items():  # how far the judges can be trusted
+        columns[f"judge of {target}: val acc. (%)"] = _percent(value)
     digit = predict("y")
     if digit is not None:
         columns["content class shown"] = 100.0 * float(np.mean(digit == content_y))
