@@ -53,3 +53,28 @@ def test_generation_overhead_compares_the_wrapper_with_bare_calls(erm_run, monke
         assert columns[f"{task} wrapper / bare"] > 0
     assert columns["t2i max pixel diff"] == 0  # the wrapper draws the bare call's pixels
     assert (tmp_path / "generation_overhead.json").is_file()
+
+
+def test_cdb_cost_and_synthetic_budget_read_what_the_run_recorded(tmp_path):
+    mode = tmp_path / "clustered_dreambooth" / "vanilla"
+    mode.mkdir(parents=True)
+    cost = {"lora_training": 0.0, "generation": {"seconds": 12.0, "images": 40,
+            "seconds_per_image": 0.3}, "stage1": {"seconds": 5.0}, "stage2": {"seconds": 1.5}}  # fmt: skip
+    (mode / "summary.json").write_text(json.dumps({"cost": cost}))
+    assert measure(["cdb_cost"], tmp_path, {}) == {
+        "LoRA training s": 0.0,
+        "generation s": 12.0,
+        "stage 1 s": 5.0,
+        "stage 2 s": 1.5,
+        "s / generated image": 0.3,
+    }
+    (tmp_path / "ffr").mkdir()
+    groups = [{"group": 0, "name": "a", "real": 9, "synthetic": 1},
+              {"group": 1, "name": "b", "real": 1, "synthetic": 9}]  # fmt: skip
+    budget = {"budget": {"synthetic_total": 10, "groups": groups}}
+    (tmp_path / "ffr" / "budget.json").write_text(json.dumps(budget))
+    assert measure(["synthetic_budget"], tmp_path, {}) == {
+        "synthetic images": 10,
+        "real / synthetic per group": "a: 9 / 1, b: 1 / 9",
+    }
+    assert measure(["cdb_cost", "synthetic_budget"], tmp_path / "ffr", {}) == {}

@@ -167,3 +167,28 @@ def judge_verdicts(run_dir: Path, results: dict[str, Any]) -> dict[str, Any]:
         label = names.get(group, f"y={group[0]}, a={group[1]}")
         columns[f"as asked: {label}"] = 100.0 * float(both[members].mean())
     return columns
+
+
+@register("synthetic_budget")
+def synthetic_budget(run_dir: Path, results: dict[str, Any]) -> dict[str, Any]:
+    """How many synthetic images a USB / ASB / FFR run used (``budget.json``, was
+    ``bench/ffr.py``'s budget table): the total and per group (real / synthetic, in group
+    order). Empty for other runs."""
+    import json
+
+    for path in sorted(run_dir.glob("*/budget.json")):
+        try:
+            budget = json.loads(path.read_text()).get("budget") or {}
+        except (OSError, ValueError, AttributeError):
+            continue
+        groups = budget.get("groups") or []
+        if "synthetic_total" not in budget:
+            continue
+        return {
+            "synthetic images": int(budget["synthetic_total"]),
+            "real / synthetic per group": ", ".join(
+                f"{g.get('name', g.get('group'))}: {g.get('real')} / {g.get('synthetic')}"
+                for g in groups
+            ),
+        }
+    return {}

@@ -227,3 +227,36 @@ def generation_overhead(run_dir: Path, results: dict[str, Any]) -> dict[str, Any
         columns[f"{short} wrapper / bare"] = r["wrapper_seconds"] / r["bare_seconds"]
         columns[f"{short} max pixel diff"] = r["max_pixel_diff"]
     return columns
+
+
+#: Clustered DreamBooth's recorded phases (``summary.json``'s ``cost``) and their columns.
+CDB_PHASES = {
+    "lora_training": "LoRA training s",
+    "generation": "generation s",
+    "clip_filter": "CLIP filter s",
+    "stage1": "stage 1 s",
+    "stage2": "stage 2 s",
+}
+
+
+@register("cdb_cost")
+def cdb_cost(run_dir: Path, results: dict[str, Any]) -> dict[str, Any]:
+    """Clustered DreamBooth's seconds per phase (was ``bench/clustered_dreambooth.py``'s
+    cost table), as the run recorded them across resumptions (``summary.json``): LoRA
+    training, generation (and seconds per image), the CLIP filter, stage 1 and stage 2.
+    Empty for other runs."""
+    found = sorted((run_dir / "clustered_dreambooth").glob("*/summary.json"))
+    record = _cached(found[0]) if found else None
+    cost = (record or {}).get("cost")
+    if not isinstance(cost, dict):
+        return {}
+    columns: dict[str, Any] = {}
+    for key, column in CDB_PHASES.items():
+        value = cost.get(key)
+        seconds = value.get("seconds") if isinstance(value, dict) else value
+        if isinstance(seconds, int | float):
+            columns[column] = float(seconds)
+    generation = cost.get("generation")
+    if isinstance(generation, dict) and generation.get("seconds_per_image") is not None:
+        columns["s / generated image"] = float(generation["seconds_per_image"])
+    return columns
