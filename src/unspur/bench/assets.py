@@ -202,6 +202,11 @@ def check_asset_options(build: str, options: dict[str, Any], where: str) -> None
             f"{where}.target={options['target']!r}: a judge predicts the class (y) or the "
             "bias attribute (a)"
         )
+    if build == "judge" and options.get("view", "plain") not in ("plain", "robust"):
+        raise ConfigError(
+            f"{where}.view={options['view']!r}: a judge trains on the plain view or the "
+            "robust one (blur, noise, contrast: unspur.bench.judges.RobustView)"
+        )
 
 
 def asset_labels(build: str, options: dict[str, Any]) -> str:
@@ -367,7 +372,7 @@ def build_ddpm(
     and its record (data, no labels: unconditional, seed, steps, cost, h_share)."""
     import torch
 
-    from unspur.generate.ddpm import build_ddpm_unet, train_ddpm
+    from unspur.generate.ddpm import build_ddpm_unet, load_ddpm, train_ddpm
     from unspur.generate.training import GenerativeTrainConfig
 
     folder = asset_folder(name, overrides, seed, options, work)
@@ -410,9 +415,9 @@ def build_ddpm(
         skip_dropout_levels=None if levels is None else [int(i) for i in levels],
     )
     cost = clock.elapsed()
-    model = trained.unet.eval()
+    model, scheduler = load_ddpm(trained.model_dir)  # exactly what DiffInject will load
     shares = measure_h_share(
-        model, trained.scheduler, held_out, int(o["image_size"]), int(o["hshare_pairs"])
+        model, scheduler, held_out, int(o["image_size"]), int(o["hshare_pairs"])
     )
     record = {
         "name": name,
@@ -440,8 +445,10 @@ def build_ddpm(
 #: ``build: judge`` options: ``target`` (y: the class, a: the bias attribute) and the
 #: epoch rule (best validation accuracy of its own val split: our choice, no group label
 #: of the benchmark is involved). Architecture and training come from ``data``
-#: (``model.arch=...``, ``train.epochs=...``).
-JUDGE_OPTIONS: dict[str, Any] = {"target": "y"}
+#: (``model.arch=...``, ``train.epochs=...``). ``view: robust`` trains on blurred, noisy,
+#: jittered copies (:class:`unspur.bench.judges.RobustView`) so that the judge also reads
+#: a small generator's softer images; ``plain`` on the data config's training view.
+JUDGE_OPTIONS: dict[str, Any] = {"target": "y", "view": "plain"}
 
 
 def _swapped(table):
@@ -497,7 +504,13 @@ def build_judge(
         config.model.arch, table.n_classes, config.model.pretrained, **config.model.options
     )
     train_config = replace(config.train, selection="average")
-    fit(model, prepared.train, prepared.val, train_config, folder / "fit", seed=seed,
+    train = prepared.train
+    if o["view"] == "robust":
+        from unspur.bench.judges import RobustView
+        from unspur.data.dataset import GroupDataset
+
+        train = GroupDataset(train.table, RobustView(prepared.eval_transform))
+    fit(model, train, prepared.val, train_config, folder / "fit", seed=seed,
         val_group_labels=False, description=f"judge {name}")  # fmt: skip
     val, _ = evaluate_split(model, prepared.val, prepared.train_group_counts, 256)
     save_checkpoint(model, folder / "model", extra={"judge": o["target"]})
@@ -510,6 +523,7 @@ def build_judge(
         "captions": f"none; a judge for measurements only, trained on its own data's "
         f"{'class' if o['target'] == 'y' else 'bias attribute'} labels, feeds no method",
         "target": o["target"],
+        "view": o["view"],
         "classes": list(table.class_names),
         "transform": {
             "image_size": config.data.image_size,
