@@ -165,3 +165,29 @@ def test_the_generators_suite_judges_every_generator_through_one_runner():
     assert all(v.oracle for v in drawing.values() if v.method == "dbb")  # exact masks
     assert suite.asset_supervision("synthetic-99", "asb_shipped") == 0
     assert suite.asset_supervision("synthetic-99", "asb_recipe") == 2  # captions name a
+
+
+def test_a_robust_judge_trains_on_jittered_real_images(tmp_path):
+    """``view: robust`` (bench/domain_model.py's calibrated judges): blurred, noisy,
+    jittered training copies, the plain view for evaluation; recorded in the asset."""
+    import pytest
+
+    from unspur.bench.assets import build_asset, check_asset_options
+    from unspur.bench.judges import RobustView
+    from unspur.bench.suite import Asset
+    from unspur.errors import ConfigError
+
+    plain = lambda image: _to_tensor(image)  # noqa: E731
+    view = RobustView(plain)
+    image = Image.new("RGB", (8, 8), (100, 150, 200))
+    torch.manual_seed(0)
+    outputs = [view(image) for _ in range(4)]
+    assert all(o.shape == plain(image).shape for o in outputs)
+    assert any(not torch.equal(outputs[0], o) for o in outputs[1:])  # a new jitter each time
+    data = [*helpers.DEBUG, "train.epochs=1", "data.options.bias=0.5"]
+    spec = Asset("j", None, "none", "", "judge", data, 0, {"target": "a", "view": "robust"})
+    folder, record = build_asset("j", spec, tmp_path, lambda _: None, {})
+    assert record["view"] == "robust" and record["target"] == "a"
+    assert (folder / "model" / "model.json").is_file()
+    with pytest.raises(ConfigError, match="view='sharp'"):
+        check_asset_options("judge", {"view": "sharp"}, "assets.j.options")
