@@ -152,3 +152,21 @@ def test_training_a_cut_unet_records_the_cut_and_never_feeds_the_cut_skips(tmp_p
     assert settings["no_skip_below"] == 1
     loaded, _ = load_ddpm(trained.model_dir)
     assert skips_removed_below(loaded) == 1
+
+
+def test_diffinject_trains_its_ddpm_with_the_cut_it_is_given(tmp_path):
+    from types import SimpleNamespace
+
+    from unspur.methods.diffinject import DiffInject, _ddpm
+
+    assert DiffInject.defaults["ddpm_no_skip_below"] == 0  # every skip, as ADM
+    options = {**DiffInject.defaults, **DiffInject.debug_options, "ddpm_no_skip_below": 1}
+    context = SimpleNamespace(
+        config=SimpleNamespace(seed=0, train=SimpleNamespace(device="cpu")),
+        train=torch.rand(8, 3, 16, 16) * 2 - 1,
+        out_dir=tmp_path,
+    )
+    unet, _, _ = _ddpm(context, options)
+    assert skips_removed_below(unet) == 1
+    loaded, _ = load_ddpm(tmp_path / "diffinject_ddpm" / "ddpm")  # what `ddpm: DIR` reads
+    assert skips_removed_below(loaded) == 1

@@ -435,6 +435,7 @@ def _ddpm(context: RunContext, options: dict[str, Any]) -> tuple[Any, Any, str]:
         3,
         block_out_channels=tuple(int(c) for c in options["ddpm_channels"]),
         layers_per_block=int(options["ddpm_layers_per_block"]),
+        no_skip_below=int(options["ddpm_no_skip_below"]),
     )
     config = GenerativeTrainConfig(
         steps=int(options["ddpm_steps"]),
@@ -509,7 +510,9 @@ class DiffInject(Method):
       "content" (paper Sec. 2.4; "style" = official Colored MNIST / CIFAR-10-C);
     * ``ddpm`` = None (train one) or a local directory / hub id to load;
       ``ddpm_image_size`` = 32, ``ddpm_channels`` = [32, 64, 64],
-      ``ddpm_layers_per_block`` = 1 (CPU-sized, ours), ``ddpm_steps`` = 10000 (ours),
+      ``ddpm_layers_per_block`` = 1 (CPU-sized, ours), ``ddpm_no_skip_below`` = 0
+      (every skip kept, as ADM; n > 0 cuts the skips of the n lowest decoder levels,
+      see the module docstring), ``ddpm_steps`` = 10000 (ours),
       ``ddpm_batch_size`` = 8, ``ddpm_lr`` = 2e-5, ``ddpm_ema`` = 0.9999 (P2 README),
       ``p2_gamma`` = 1.0, ``p2_k`` = 1.0 (paper Eq. 6);
     * ``inv_steps`` = 1000, ``gen_steps`` = 1000 (``--n_inv_step`` / ``--n_gen_step``
@@ -543,6 +546,7 @@ class DiffInject(Method):
         "ddpm_image_size": 32,
         "ddpm_channels": [32, 64, 64],
         "ddpm_layers_per_block": 1,
+        "ddpm_no_skip_below": 0,
         "ddpm_steps": 10000,
         "ddpm_batch_size": 8,
         "ddpm_lr": 2e-5,
