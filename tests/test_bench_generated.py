@@ -57,7 +57,7 @@ def test_judge_verdicts_compare_each_judge_with_the_request(tmp_path, monkeypatc
     asked = [(0, 1), (0, 1), (1, 0), (1, 0)]  # circle on water x2, cross on land x2
     _store(tmp_path, asked)
     judges = {
-        "shape": (_Fixed([0, 1, 1, 1]), _to_tensor, {"target": "y"}),  # 3 of 4 right
+        "shape": (_Fixed([0, 1, 1, 1]), _to_tensor, {"target": "y", "val_accuracy": 0.9}),
         "background": (_Fixed([1, 1, 0, 1]), _to_tensor, {"target": "a"}),  # 3 of 4 right
     }
     monkeypatch.setattr(generated, "_judge", lambda folder: judges.get(folder))
@@ -65,7 +65,8 @@ def test_judge_verdicts_compare_each_judge_with_the_request(tmp_path, monkeypatc
     columns = measure(["judge_verdicts"], tmp_path, results)
     assert columns == {
         "judged images": 4,
-        "class as asked (judge)": 75.0,
+        "class as asked (judge)": 75.0,  # 3 of 4 right
+        "class judge, real val acc.": 90.0,
         "attribute as asked (judge)": 75.0,
         "as asked: circle / water": 50.0,  # image 1: class wrong
         "as asked: cross / land": 50.0,  # image 3: background wrong

@@ -132,9 +132,9 @@ def judge_verdicts(run_dir: Path, results: dict[str, Any]) -> dict[str, Any]:
     """The run's generated (kept) images judged by the suite's ``build: judge`` assets
     that the setting ``uses``: the share (percent) whose class (``target: y`` judge) and
     bias attribute (``target: a`` judge) are what the image was asked to show, over all
-    images, and both together per requested group (``as asked: circle / water``); the
-    judges' own validation accuracy on real images is in the assets' records. Empty
-    without judges or generated images."""
+    images, and both together per requested group (``as asked: circle / water``); and
+    each judge's accuracy on its own real validation images (its record), which bounds
+    how far its verdicts can be trusted. Empty without judges or generated images."""
     import torch
     from PIL import Image
 
@@ -157,9 +157,12 @@ def judge_verdicts(run_dir: Path, results: dict[str, Any]) -> dict[str, Any]:
         verdicts[target] = np.concatenate(predicted) == asked
     names = group_names(results)
     columns: dict[str, Any] = {"judged images": len(rows)}
+    accuracy = {record["target"]: record.get("val_accuracy") for _, _, record in judges}
     for target, what in (("y", "class"), ("a", "attribute")):
         if target in verdicts:
             columns[f"{what} as asked (judge)"] = 100.0 * float(verdicts[target].mean())
+            if accuracy.get(target) is not None:  # how far the judge reads real images
+                columns[f"{what} judge, real val acc."] = 100.0 * float(accuracy[target])
     both = np.logical_and.reduce(list(verdicts.values()))
     groups = np.array([(int(r["y"]), int(r["a"])) for _, r in rows])
     for group in sorted({tuple(g) for g in groups.tolist()}):
