@@ -420,11 +420,6 @@ def test_accuracy(run_dir: Path, results: dict[str, Any]) -> dict[str, Any]:
     return {} if test.get("accuracy") is None else {"test acc. (%)": _percent(test["accuracy"])}
 
 
-# Measurements kept in modules of their own register themselves on import (after
-# everything above, which they use).
-from unspur.bench import generated, timings  # noqa: E402, F401
-
-
 @register("diffinject_content")
 def diffinject_content(run_dir: Path, results: dict[str, Any]) -> dict[str, Any]:
     """DiffInject's top-K content samples scored against the true bias-conflicting ones
