@@ -43,6 +43,7 @@ builds, while the fingerprint and the record keep the reference (no machine path
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import fields
 from pathlib import Path
@@ -53,6 +54,8 @@ from unspur.errors import ConfigError, did_you_mean
 from unspur.io import atomic_write_json
 
 BUILDERS = ("domain_model", "ddpm", "judge")
+#: ``{asset:NAME}`` in an override: the folder of asset NAME (built by the runner).
+ASSET_REF = re.compile(r"\{asset:([^}]*)\}")
 ASSET_FILE = "asset.json"
 
 
@@ -85,7 +88,6 @@ def domain_labels(options: dict[str, Any]) -> str:
 def data_config(overrides: list[str], seed: int):
     """The config of an asset's ``overrides``; an unresolved ``{asset:NAME}`` stays a
     plain ``asset:NAME`` string (fingerprints and records hold no machine path)."""
-    from unspur.bench.suite import ASSET_REF
     from unspur.config import load_config
 
     plain = [ASSET_REF.sub(lambda m: f"asset:{m.group(1)}", o) for o in overrides]
@@ -160,7 +162,6 @@ def relation(asset_overrides: list[str], setting_base: dict[str, Any]) -> str:
     benchmark's own training split) or another one, with the keys that differ."""
     import copy
 
-    from unspur.bench.suite import ASSET_REF
     from unspur.config import config_from_dict
     from unspur.stages import _flatten
 
@@ -218,7 +219,6 @@ def asset_labels(build: str, options: dict[str, Any]) -> str:
 
 def resolve_refs(overrides: list[str], folders: dict[str, Path], where: str) -> list[str]:
     """``overrides`` with every ``{asset:NAME}`` replaced by that asset's folder."""
-    from unspur.bench.suite import ASSET_REF
 
     def folder(match) -> str:
         name = match.group(1)

@@ -28,13 +28,13 @@ Example (``bench/suites/smoke.yaml``)::
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from unspur.bench.assets import ASSET_REF
 from unspur.config import load_yaml
 from unspur.errors import ConfigError, did_you_mean
 
@@ -52,8 +52,6 @@ TOP_KEYS = (
 SETTING_KEYS = ("config", "set", "root", "uses", "note")
 METHOD_KEYS = ("method", "set", "oracle", "note")
 ASSET_KEYS = ("path", "labels", "what", "build", "data", "seed", "options")
-#: ``{asset:NAME}`` in an override: the folder of asset NAME (built by the runner).
-ASSET_REF = re.compile(r"\{asset:([^}]*)\}")
 #: Which labels an asset's construction saw, as a supervision level (captions that name
 #: the bias attribute count as training group labels).
 ASSET_LABELS = {"none": 0, "val_groups": 1, "train_groups": 2}
