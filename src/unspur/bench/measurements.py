@@ -4,7 +4,13 @@ A measurement is a function ``(run_dir, results) -> {column: value}`` registered
 name; a suite lists the names it wants (``measurements: [timing, mac_mask_quality]``) and
 the runner adds their columns to the table (numbers: mean ± sample std over seeds). A
 measurement that does not apply to a run (MaC's mask quality on a DFR run) returns ``{}``.
-Measurements read what a run left in its directory; they never train anything.
+Measurements read what a run left in its directory; they never train anything (a
+trained judge is a ``build: judge`` asset the run's setting ``uses``; its folder reaches
+the measurement as ``results["bench_assets"]``). A column's value may be an
+:class:`~unspur.bench.artefacts.Artefact`, a file the measurement wrote into the run
+directory (a sample grid): the runner publishes it next to the table. Measurements of
+generated images and timings live in :mod:`unspur.bench.generated` and
+:mod:`unspur.bench.timings`, registered when the package is imported.
 
     from unspur.bench.measurements import register
 
