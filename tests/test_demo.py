@@ -25,11 +25,15 @@ def recorded(monkeypatch):
 def test_quick_demo_announces_its_plan_and_cost_before_any_work(recorded, capsys, tmp_path):
     assert main(["demo", "--out", str(tmp_path)]) == 0
     lines = capsys.readouterr().out.splitlines()
-    # The plan and the expected time come before the comparison starts.
+    # The plan, the expected time, the shipped assets and every speed option come before
+    # the comparison starts.
     assert lines[0].startswith("unspur demo:") and "about" in lines[1]
-    assert lines.index("(fake compare ran)") == 2
+    started = lines.index("(fake compare ran)")
+    plan = "\n".join(lines[:started])
+    assert demo.BACKBONE in plan and demo.GENERATOR in plan
+    assert "  mac: speed options views=4" in plan and "the paper draws fresh ones" in plan
     (call,) = recorded
-    assert call["methods"] == ["erm", "groupdro", "resample_group", "dfr_val"]
+    assert call["methods"] == ["erm", "dfr_val", "mac", "dbb"]
     assert call["seeds"] == [0]
     # Seeds, sizes and threads fixed, so a rerun prints the same table.
     assert (
@@ -38,12 +42,56 @@ def test_quick_demo_announces_its_plan_and_cost_before_any_work(recorded, capsys
     assert call["estimate"] == demo.QUICK.seconds
 
 
-def test_full_demo_adds_jtt_and_three_seeds(recorded, tmp_path):
+def test_quick_demo_shows_two_seed_methods_on_the_shipped_assets(recorded, tmp_path):
+    assert main(["demo", "--out", str(tmp_path)]) == 0
+    (call,) = recorded
+    seed = [m for m in call["methods"] if m in demo.SEED_METHODS]
+    assert len(seed) >= 2 and {"erm", "dfr_val"} <= set(call["methods"])
+    overrides = call["overrides"]
+    # Every model starts from the shipped backbone, with its architecture.
+    for setting in ("model.arch=resnet18", "model.options.width=16",
+                    "model.options.small_images=true",
+                    "model.pretrained=unspur:cifar10-resnet18"):  # fmt: skip
+        assert setting in overrides
+    # Every generative seed method in the plan draws with the shipped generator, and
+    # never trains a domain model of its own (an hour on a CPU).
+    generative = [m for m in seed if m != "mac"]
+    assert generative
+    for name in generative:
+        assert f"{name}:method.options.generator=unspur:synthetic-domain" in overrides
+    # Per-method settings only for the methods that run (compare refuses the others).
+    heads = {o.split(":")[0] for o in overrides if ":" in o.split("=")[0]}
+    assert heads <= set(call["methods"])
+
+
+def test_demo_settings_follow_the_methods_asked_for(recorded, tmp_path):
+    argv = [
+        "demo",
+        "--out",
+        str(tmp_path),
+        "--methods",
+        "erm,mac",
+        "--set",
+        "mac:method.options.views=0",
+    ]
+    assert main(argv) == 0
+    (call,) = recorded
+    assert not any(o.startswith("dbb:") for o in call["overrides"])
+    # The user's --set comes last, so it wins over the demo's speed option.
+    assert call["overrides"].index("mac:method.options.views=0") > call["overrides"].index(
+        "mac:method.options.views=4"
+    )
+
+
+def test_full_demo_runs_all_five_seed_methods_and_the_baselines(recorded, tmp_path):
     assert main(["demo", "--full", "--out", str(tmp_path), "--set", "train.epochs=1"]) == 0
     (call,) = recorded
-    assert call["methods"] == ["erm", "groupdro", "resample_group", "jtt", "dfr_val"]
-    assert call["seeds"] == [0, 1, 2] and call["overrides"][-1] == "train.epochs=1"
+    assert set(demo.SEED_METHODS) <= set(call["methods"])
+    assert {"erm", "groupdro", "dfr_val"} <= set(call["methods"])
+    assert call["overrides"][-1] == "train.epochs=1"
     assert call["command"] == "unspur demo --full"
+    for name in ("dbb", "ffr", "clustered_dreambooth"):
+        assert f"{name}:method.options.generator=unspur:synthetic-domain" in call["overrides"]
 
 
 def test_verdict_names_the_shortcut_and_the_best_method():
@@ -54,4 +102,9 @@ def test_verdict_names_the_shortcut_and_the_best_method():
         }
     }
     assert demo.verdict(summary).endswith("Best worst-group accuracy: dfr_val, 60.0%.")
+    summary["aggregate"]["mac"] = {
+        "worst_group_accuracy": {"mean": 0.25},
+        "average_accuracy": {"mean": 0.9},
+    }
+    assert demo.verdict(summary).endswith("Seed methods, worst-group vs ERM (points): mac +25.0.")
     assert demo.verdict({"aggregate": {}}) is None
