@@ -235,7 +235,7 @@ def cdb_clusters(run_dir: Path, results: dict[str, Any]) -> dict[str, Any]:
     borrowed = [p.get("name", str(p["group"])) for p in record.get("plans") or []
                 if p.get("borrowed")]  # fmt: skip
     return {
-        "k_D": record.get("k_D"),
+        "k_D": None if record.get("k_D") is None else str(record["k_D"]),  # a count, as text
         "clusters": "; ".join(clusters) or "none (mode without clusters)",
         "borrowing groups": ", ".join(borrowed) or "none",
         "CLIP filter": _clip_verdict(str(record.get("filter")), record.get("clip")),
