@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from unspur.bench.measurements import cdb_clusters
 from unspur.config import load_config
 from unspur.errors import ConfigError
 from unspur.evaluate.fid import (
@@ -164,7 +165,7 @@ def test_one_lora_per_cluster_is_trained_and_used(clustered_run):
     assert len(loras) == k * len(trained) and len(set(loras.values())) == len(loras)
     for g in summary["generators"]:  # what each cluster holds (the cdb_clusters column)
         assert g["instance_groups"] == {plans[g["group"]]["name"]: g["instance_images"]}
-    clusters = __import__("unspur.bench.measurements").bench.measurements.cdb_clusters(out, {})
+    clusters = cdb_clusters(out, {})
     assert clusters["CLIP filter"].startswith("CLIP filter untested")  # debug: tiny CLIP
     for directory in loras.values():
         assert (
