@@ -21,7 +21,9 @@ def png(colour: tuple[int, int, int]) -> bytes:
     return buffer.getvalue()
 
 
-def fake_store(root: Path, per_group: int = 3, prompt: str = "a photo of a cross on land") -> None:
+def fake_store(
+    root: Path, per_group: int = 3, prompt: str | None = "a photo of a cross on land"
+) -> None:
     """A store as the generative methods leave it: images plus manifest rows."""
     store = SyntheticStore(root)
     part = store.part_path(0)
@@ -64,6 +66,12 @@ def test_run_report_shows_the_kept_generated_images_per_group_escaped(tmp_path):
     html = render_run_report(tmp_path, {**RESULTS, "method": "ffr", "dataset": "synthetic"})
     assert "Generated images (samples)" in html and html.count('src="data:image/png') >= 4
     assert EVIL not in html
+
+
+def test_images_without_a_prompt_are_shown_without_one(tmp_path):
+    fake_store(tmp_path / "diffinject_synthetic", prompt=None)
+    grids = run_grids(tmp_path, RESULTS)
+    assert grids.count("<img") == 4 and "None" not in grids
 
 
 def test_run_without_generated_images_has_no_grid(tmp_path):

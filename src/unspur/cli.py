@@ -408,7 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser(
         "demo",
-        help="ERM's shortcut and robust methods on the synthetic benchmark, on CPU (~2 min)",
+        help="ERM's shortcut, DFR, MaC and DBB on the synthetic benchmark, on CPU (~3 min)",
     )
     demo.add_argument("--out", default="runs/demo", help="directory (default runs/demo)")
     demo.add_argument(

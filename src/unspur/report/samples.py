@@ -99,9 +99,11 @@ def store_grid(
     ]
     for (y, a), members in sorted(groups.items()):
         group = names.get((y, a), f"y={y}, a={a}")
-        prompts = sorted({str(r.get("prompt", "")) for r in members[:per_group]})
+        # DiffInject's images have no prompt (None): show nothing rather than "None".
+        prompts = sorted({str(r.get("prompt") or "") for r in members[:per_group]} - {""})
         cells = "".join(
-            _image(root, str(r["filename"]), str(r.get("prompt", ""))) for r in members[:per_group]
+            _image(root, str(r["filename"]), str(r.get("prompt") or ""))
+            for r in members[:per_group]
         )
         lines.append(
             f"<tr><td class='l'>{escape(group)} ({len(members)})<br>"
