@@ -83,6 +83,15 @@ def test_demo_settings_follow_the_methods_asked_for(recorded, tmp_path):
     )
 
 
+def test_another_architecture_drops_the_backbones_settings(recorded, tmp_path):
+    argv = ["demo", "--out", str(tmp_path), "--methods", "erm", "--set", "model.arch=small_cnn"]
+    assert main(argv) == 0
+    (call,) = recorded
+    model = [o for o in call["overrides"] if o.startswith("model.")]
+    assert model == ["model.arch=small_cnn"]
+    assert "train.threads=2" in call["overrides"]
+
+
 def test_full_demo_runs_all_five_seed_methods_and_the_baselines(recorded, tmp_path):
     assert main(["demo", "--full", "--out", str(tmp_path), "--set", "train.epochs=1"]) == 0
     (call,) = recorded

@@ -56,12 +56,25 @@ DEMO_SETTINGS = [
 ]
 
 
+def demo_settings(overrides: list[str] | None = None) -> list[str]:
+    """:data:`DEMO_SETTINGS`, without the backbone's settings (``model.*``) when the user's
+    ``--set model.arch=...`` picks another architecture: its options and the shipped
+    ResNet-18 weights would not fit it."""
+    if any(o.split("=", 1)[0].strip() == "model.arch" for o in overrides or []):
+        return [s for s in DEMO_SETTINGS if not s.startswith("model.")]
+    return list(DEMO_SETTINGS)
+
+
 @dataclass(frozen=True)
 class DemoPlan:
     """Which methods and seeds one demo runs, each method's own settings (``--set
     METHOD:key=value``, applied only when that method runs) with a note that names every
-    speed option and the paper's value it replaces, and the seconds each method's run took
-    (measured for the time-left estimate; the estimate then follows this machine)."""
+    speed option and the paper's value it replaces, and the seconds each method's run is
+    expected to take on 2 idle cores, for the time-left estimate (the estimate then follows
+    this machine's pace). Measured on 2 *shared* cores as CPU seconds with
+    ``OMP_WAIT_POLICY=PASSIVE`` (2026-12-06: erm 81, dfr_val 11, mac 34 / 56 with the
+    search, dbb 89, groupdro 82, ffr 167, clustered_dreambooth 125, diffinject 275) and
+    divided by 1.5 for the second thread (an assumption: idle cores were not available)."""
 
     methods: str
     seeds: str
@@ -176,7 +189,7 @@ DIFFINJECT_NOTE = (
 QUICK = DemoPlan(
     methods="erm,dfr_val,mac,dbb",
     seeds="0",
-    seconds={"erm": 45.0, "dfr_val": 10.0, "mac": 40.0, "dbb": 80.0},
+    seconds={"erm": 55.0, "dfr_val": 10.0, "mac": 25.0, "dbb": 60.0},
     settings={"mac": MAC_QUICK, "dbb": DBB},
     notes={"mac": MAC_QUICK_NOTE, "dbb": DBB_NOTE},
 )
@@ -187,11 +200,11 @@ FULL = DemoPlan(
     seeds="0",
     seconds={
         **QUICK.seconds,
-        "groupdro": 45.0,
-        "mac": 90.0,
-        "ffr": 150.0,
-        "clustered_dreambooth": 200.0,
-        "diffinject": 200.0,
+        "groupdro": 55.0,
+        "mac": 40.0,
+        "ffr": 110.0,
+        "clustered_dreambooth": 85.0,
+        "diffinject": 185.0,
     },
     settings={
         "mac": MAC,
@@ -265,7 +278,7 @@ def run_demo(
         names,
         seed_list,
         out,
-        DEMO_SETTINGS + per_method + list(overrides or []),
+        demo_settings(overrides) + per_method + list(overrides or []),
         command="unspur demo" + (" --full" if full else ""),
         log=log,
         estimate=plan.seconds,
