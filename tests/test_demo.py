@@ -83,6 +83,14 @@ def test_demo_settings_follow_the_methods_asked_for(recorded, tmp_path):
     )
 
 
+def test_full_demo_reuses_the_quick_demos_runs():
+    # Same settings for every method both run: `unspur demo --full` after `unspur demo`
+    # (same --out) skips those runs instead of training them again with other settings.
+    for name in demo.QUICK.methods.split(","):
+        assert name in demo.FULL.methods.split(",")
+        assert demo.QUICK.settings.get(name) == demo.FULL.settings.get(name)
+
+
 def test_another_architecture_drops_the_backbones_settings(recorded, tmp_path):
     argv = ["demo", "--out", str(tmp_path), "--methods", "erm", "--set", "model.arch=small_cnn"]
     assert main(argv) == 0
