@@ -7,7 +7,7 @@ generator. It is sized to finish in about three minutes on 2 idle cores (the REA
 five-minute budget includes the install) and to print the same table on every rerun on a
 given machine: the data, model, seeds and thread count are all fixed. Where a method runs
 at a reduced budget, the plan names the option and the paper's value before anything
-runs. ``--full`` runs all five seed methods with the baselines (about 20 minutes).
+runs. ``--full`` runs all five seed methods with the baselines (at most about 15 minutes).
 
 Both run through :func:`unspur.compare.compare`, the same runner as ``unspur compare``; this
 module only holds the demo's choices (all ours: the paper benchmarks need real data and GPUs).
