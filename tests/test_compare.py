@@ -115,3 +115,49 @@ def test_run_pace_scales_priors_by_the_measured_speed():
     assert pace.seconds_left(["dfr_val"]) == pytest.approx(4.0)
     assert pace.seconds_left(["groupdro"]) == pytest.approx(20.0)  # no prior: mean run cost
     assert RunPace().seconds_left(["erm"]) is None
+
+
+def test_a_run_held_by_another_process_is_left_to_it(tmp_path):
+    """Two `unspur bench` / `compare` processes on one folder share the runs: a run whose
+    lock another process holds is skipped, and so are the runs that reuse its ERM model;
+    the rest run, and a later rerun tabulates everything."""
+    from unspur.compare import compare
+    from unspur.io import exclusive_lock
+
+    out = tmp_path / "cmp"
+    base = {"data": {"name": "synthetic"}}
+    runs = plan(base, ["erm", "dfr_val"], [0, 1], DEBUG, out)
+    erm0 = next(run_dir for name, seed, _, run_dir in runs if (name, seed) == ("erm", 0))
+    printed: list[str] = []
+    with exclusive_lock(erm0.parent / f".{erm0.name}.lock") as held:
+        assert held
+        summary = compare(base, ["erm", "dfr_val"], [0, 1], out, DEBUG, log=printed.append,
+                          reports=False)  # fmt: skip
+    assert sorted((r["method"], r["seed"]) for r in summary["runs"]) == [
+        ("dfr_val", 1),
+        ("erm", 1),
+    ]
+    assert any("erm seed 0: running in another process" in line for line in printed)
+    assert any("dfr_val seed 0: its ERM run is training in another process" in line
+               for line in printed)  # fmt: skip
+    assert any("2 run(s) were left to another process" in line for line in printed)
+    assert not (erm0 / "results.json").exists()
+
+    again = compare(base, ["erm", "dfr_val"], [0, 1], out, DEBUG, log=printed.append,
+                    reports=False)  # fmt: skip
+    assert len(again["runs"]) == 4
+
+
+def test_the_lock_is_exclusive_and_released() -> None:
+    import tempfile
+    from pathlib import Path
+
+    from unspur.io import exclusive_lock
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "x.lock"
+        with exclusive_lock(path) as first:
+            with exclusive_lock(path) as second:
+                assert first and not second
+        with exclusive_lock(path) as third:
+            assert third

@@ -32,7 +32,7 @@ import numpy as np
 from unspur.config import RunConfig, apply_overrides, config_from_dict
 from unspur.errors import ConfigError, UnspurError
 from unspur.evaluate.metrics import DEFINITIONS
-from unspur.io import atomic_write_json, atomic_write_text
+from unspur.io import atomic_write_json, atomic_write_text, exclusive_lock
 
 TABLE_METRICS = ("worst_group_accuracy", "average_accuracy", "balanced_accuracy")
 COLUMN = {
@@ -368,32 +368,44 @@ def compare(
     runs = plan(base, methods, seeds, overrides or [], out_dir, variants, fingerprinted_dirs)
     order = list(dict.fromkeys(name for name, *_ in runs))
     done = []
+    elsewhere: list[Path] = []  # runs another process holds (a second bench on this folder)
     pace = RunPace(estimate)
     for i, (name, seed, config, run_dir) in enumerate(runs, 1):
-        if is_finished(config, run_dir):
-            log(f"[{i}/{len(runs)}] {name} seed {seed}: finished earlier, skipped ({run_dir})")
-            results = json.loads((run_dir / "results.json").read_text())
-        else:
-            left = pace.seconds_left([n for n, *_ in runs[i - 1 :]])
-            eta = f"; about {format_duration(left)} left in all" if left is not None else ""
-            log(f"[{i}/{len(runs)}] {name} seed {seed}: running in {run_dir}{eta}")
-            started, cpu = time.perf_counter(), time.process_time()
-            try:
-                results = run(config, run_dir)
-            except UnspurError as exc:
-                if failures is None:
-                    raise
-                failures.append(f"{name} seed {seed}: {str(exc).splitlines()[0]}")
-                log(f"[{i}/{len(runs)}] {name} seed {seed}: FAILED: {exc}")
+        step = f"[{i}/{len(runs)}] {name} seed {seed}"
+        reference = config.method.reference
+        if reference and Path(reference).parent in elsewhere:
+            log(f"{step}: its ERM run is training in another process; left for that process")
+            elsewhere.append(run_dir)
+            continue
+        with exclusive_lock(run_dir.parent / f".{run_dir.name}.lock") as mine:
+            if not mine:
+                log(f"{step}: running in another process ({run_dir}); left for that process")
+                elsewhere.append(run_dir)
                 continue
-            wall = time.perf_counter() - started
-            pace.record(name, wall)
-            atomic_write_json(
-                run_dir / "cost.json",
-                {"wall_seconds": wall, "cpu_seconds": time.process_time() - cpu},
-            )
-            if reports:
-                write_run_report(run_dir, results)
+            if is_finished(config, run_dir):
+                log(f"{step}: finished earlier, skipped ({run_dir})")
+                results = json.loads((run_dir / "results.json").read_text())
+            else:
+                left = pace.seconds_left([n for n, *_ in runs[i - 1 :]])
+                eta = f"; about {format_duration(left)} left in all" if left is not None else ""
+                log(f"{step}: running in {run_dir}{eta}")
+                started, cpu = time.perf_counter(), time.process_time()
+                try:
+                    results = run(config, run_dir)
+                except UnspurError as exc:
+                    if failures is None:
+                        raise
+                    failures.append(f"{name} seed {seed}: {str(exc).splitlines()[0]}")
+                    log(f"{step}: FAILED: {exc}")
+                    continue
+                wall = time.perf_counter() - started
+                pace.record(name, wall)
+                atomic_write_json(
+                    run_dir / "cost.json",
+                    {"wall_seconds": wall, "cpu_seconds": time.process_time() - cpu},
+                )
+                if reports:
+                    write_run_report(run_dir, results)
         done.append(
             {
                 "method": name,
@@ -405,8 +417,14 @@ def compare(
         )
         if "test" not in results["metrics"]:
             raise ConfigError(f"{name} seed {seed}: the data has no test split to compare on")
+    if elsewhere:
+        log(
+            f"{len(elsewhere)} run(s) were left to another process on {out_dir}; the tables "
+            "below leave them out: rerun this command after it ends to include them"
+        )
     if not done:
-        raise UnspurError("no run finished: " + "; ".join(failures or []))
+        reasons = (failures or []) + [f"{p} is running in another process" for p in elsewhere]
+        raise UnspurError("no run finished: " + "; ".join(reasons))
     summary = summarise(done, order, seeds)
     summary["command"] = command
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -81,3 +81,33 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
         os.replace(target, old)
     os.replace(scratch, target)
     shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: str | Path) -> Iterator[bool]:
+    """Hold an exclusive, non-blocking lock on ``path`` (created if absent) for the
+    ``with`` block; yields False, holding nothing, when another process holds it.
+
+    The lock is the operating system's (``flock``), so it is released when its process
+    ends, however it ends: a killed run leaves no stale lock. Two ``unspur bench`` (or
+    ``compare``) processes on one work folder use it to share the runs instead of
+    training the same one twice. Systems without ``fcntl`` (Windows) get no locking:
+    there, run one process per work folder.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield True
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
