@@ -138,7 +138,8 @@ FFR = [
 ]
 FFR_NOTE = (
     f"generator {GENERATOR}; speed options budget=400 synthetic images (USB's total: 1960), "
-    "stage 2 for 2 epochs; learning rates from Table 2(b) (UTKFace 99%: 1e-4, 1e-6)"
+    "stage 1 for 20 epochs and stage 2 for 2 (official scripts: 50 each); Adam at Table "
+    "2(b)'s learning rates (UTKFace 99%: 1e-4, 1e-6; no column for this benchmark)"
 )
 #: Clustered DreamBooth: the paper's classifier settings (A.2, A.8: both stages SGD 1e-3,
 #: 20 epochs; the run's lr 0.05 made stage 1's SupCon diverge) and configs/synthetic_cdb.yaml's
