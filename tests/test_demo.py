@@ -125,3 +125,14 @@ def test_verdict_names_the_shortcut_and_the_best_method():
     }
     assert demo.verdict(summary).endswith("Seed methods, worst-group vs ERM (points): mac +25.0.")
     assert demo.verdict({"aggregate": {}}) is None
+
+
+def test_no_demo_method_is_given_an_oracle_input() -> None:
+    """The demo shows methods as a user can run them: no exact object masks (an oracle
+    input: the benchmark's own masks), neither as DBB's masker nor as MaC's saliency."""
+    from unspur.demo import FULL, QUICK
+
+    for plan in (QUICK, FULL):
+        for method, settings in plan.settings.items():
+            for setting in settings:
+                assert "ground_truth" not in setting, (method, setting)
