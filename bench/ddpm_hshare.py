@@ -88,7 +88,17 @@ def main() -> int:
         "--measure-at", default="", help="also measure h_share after these steps, e.g. 500,1000"
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--grid-from", type=Path, default=None, help="only draw --grid from this saved DDPM"
+    )
     args = parser.parse_args()
+    if args.grid_from is not None:  # e.g. the ddpm/ a stopped --measure-at run left
+        from unspur.generate.ddpm import load_ddpm
+
+        if args.grid is None:
+            parser.error("--grid-from needs --grid")
+        _save_grid(*load_ddpm(args.grid_from), args.grid, args.grid_n)
+        return 0
 
     from unspur.config import load_config
     from unspur.generate.ddpm import DiffusionImages, build_ddpm_unet, train_ddpm
