@@ -102,6 +102,15 @@ def asset_folder(name: str, overrides: list[str], seed: int, options: dict, work
     return work / "assets" / f"{name}-{key[:12]}"
 
 
+def finished_asset(folder: Path, product: str) -> dict[str, Any] | None:
+    """The record of an asset already built in ``folder`` (its record and its product,
+    e.g. ``ddpm/model_index.json``, both present), or None: build it."""
+    stored = folder / ASSET_FILE
+    if stored.is_file() and (folder / product).is_file():
+        return json.loads(stored.read_text())
+    return None
+
+
 def build_domain_model(
     name: str,
     overrides: list[str],
@@ -117,9 +126,10 @@ def build_domain_model(
     from unspur.pipeline import prepare_table
 
     folder = asset_folder(name, overrides, seed, options, work)
+    finished = finished_asset(folder, "domain.json")
+    if finished is not None:
+        return folder, finished
     stored = folder / ASSET_FILE
-    if stored.is_file() and (folder / "domain.json").is_file():
-        return folder, json.loads(stored.read_text())
     config = data_config(resolved if resolved is not None else overrides, seed)
     table = prepare_table(config)
     domain = DomainModelConfig(**{"seed": seed, **options})
@@ -376,9 +386,10 @@ def build_ddpm(
     from unspur.generate.training import GenerativeTrainConfig
 
     folder = asset_folder(name, overrides, seed, options, work)
+    finished = finished_asset(folder, "ddpm/model_index.json")
+    if finished is not None:
+        return folder, finished
     stored = folder / ASSET_FILE
-    if stored.is_file() and (folder / "ddpm" / "model_index.json").is_file():
-        return folder, json.loads(stored.read_text())
     o = {**DDPM_OPTIONS, **options}
     config = data_config(resolved if resolved is not None else overrides, seed)
     clock = Clock()
@@ -486,9 +497,10 @@ def build_judge(
     from unspur.train.seeding import seed_everything
 
     folder = asset_folder(name, overrides, seed, options, work)
+    finished = finished_asset(folder, "model/model.json")
+    if finished is not None:
+        return folder, finished
     stored = folder / ASSET_FILE
-    if stored.is_file() and (folder / "model" / "model.json").is_file():
-        return folder, json.loads(stored.read_text())
     o = {**JUDGE_OPTIONS, **options}
     config = data_config(resolved if resolved is not None else overrides, seed)
     clock = Clock()
