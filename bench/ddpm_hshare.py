@@ -43,8 +43,10 @@ def _cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def _save_grid(model, scheduler, path: Path, n: int) -> None:
-    """``n`` DDIM samples (40 deterministic steps, seeds 0..n-1) as one PNG grid."""
+def _save_grid(model, scheduler, path: Path, n: int, clip: bool = False) -> None:
+    """``n`` DDIM samples (40 deterministic steps, seeds 0..n-1) as one PNG grid;
+    ``clip`` clips each predicted x0 to [-1, 1] (diffusers' DDIM default; DiffInject's
+    inversion-based process does not clip)."""
     import math
 
     import numpy as np
@@ -52,7 +54,7 @@ def _save_grid(model, scheduler, path: Path, n: int) -> None:
 
     from unspur.generate.ddpm import ddim_sample
 
-    images = ddim_sample(model, scheduler, seeds=list(range(n)), steps=40)
+    images = ddim_sample(model, scheduler, seeds=list(range(n)), steps=40, clip_sample=clip)
     images = ((images.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
     side = math.ceil(math.sqrt(n))
     size = images.shape[1]
@@ -83,6 +85,7 @@ def main() -> int:
     )
     parser.add_argument("--grid", type=Path, default=None, help="PNG of DDIM samples")
     parser.add_argument("--grid-n", type=int, default=36, help="samples in the grid")
+    parser.add_argument("--grid-clip", action="store_true", help="clip x0 while sampling")
     parser.add_argument("--pairs", type=int, default=32)
     parser.add_argument(
         "--measure-at", default="", help="also measure h_share after these steps, e.g. 500,1000"
@@ -97,7 +100,7 @@ def main() -> int:
 
         if args.grid is None:
             parser.error("--grid-from needs --grid")
-        _save_grid(*load_ddpm(args.grid_from), args.grid, args.grid_n)
+        _save_grid(*load_ddpm(args.grid_from), args.grid, args.grid_n, args.grid_clip)
         return 0
 
     from unspur.config import load_config
@@ -184,7 +187,7 @@ def main() -> int:
     }
     if args.grid is not None:
         record["grid"] = str(args.grid)
-        _save_grid(model, trained.scheduler, args.grid, args.grid_n)
+        _save_grid(model, trained.scheduler, args.grid, args.grid_n, args.grid_clip)
     (args.out / "hshare.json").write_text(json.dumps(record, indent=2))
     print(json.dumps(record, indent=2))
     return 0
