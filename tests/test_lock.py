@@ -46,8 +46,8 @@ def test_installed_versions_match_the_lock():
         # torch's CPU wheel carries a local label (2.13.0+cpu); the pin omits it.
         if Version(installed).public != Version(pinned).public:
             mismatched.append(f"{name}: installed {installed}, locked {pinned}")
-    assert not mismatched, "install from the lock (pip install -c constraints.txt ...): " + "; ".join(
-        mismatched
+    assert not mismatched, (
+        "install from the lock (pip install -c constraints.txt ...): " + "; ".join(mismatched)
     )
 
 
