@@ -24,6 +24,8 @@ import numpy as np
 
 from unspur.bench.artefacts import Artefact
 from unspur.bench.measurements import _judge, register
+from unspur.generate.store import run_store_rows
+from unspur.report.samples import group_names
 
 #: Images per group in a sample grid, their enlargement and the grid's padding (our
 #: choice, as the legacy grids: 12 images, 3x nearest-neighbour).
@@ -35,17 +37,8 @@ def generated_rows(run_dir: Path) -> list[tuple[Path, dict[str, Any]]]:
     """(store root, manifest row) of every image the run generated and kept (the store's
     ``kept``, and a method's own filter when it records one beside the store: see
     :func:`_selected`), stores in path order, rows in request order."""
-    from unspur.errors import UnspurError
-    from unspur.generate.store import SyntheticStore
-
-    roots = sorted({p.parent.parent for p in Path(run_dir).glob("**/manifest/part-*.jsonl")})
     found = []
-    for root in roots:
-        try:
-            rows = list(SyntheticStore(root).rows().values())
-        except UnspurError:  # a corrupt part: measured without this store
-            continue
-        rows.sort(key=lambda r: (int(r.get("index", 0)), str(r["key"])))
+    for root, rows in run_store_rows(run_dir):
         if any("kept" in r for r in rows):
             rows = [r for r in rows if r.get("kept")]
         chosen = _selected(root.parent / "filter.csv")
@@ -67,19 +60,6 @@ def _selected(path: Path) -> set[str] | None:
         return None
     chosen = frame["selected"].astype(str).str.strip().str.lower().isin(("true", "1", "1.0"))
     return set(frame.loc[chosen, "key"].astype(str))
-
-
-def group_names(results: dict[str, Any]) -> dict[tuple[int, int], str]:
-    """``(y, a) -> "circle / water"`` from the run's recorded group counts (group
-    ``g = y * n_attrs + a``); empty when the run did not record them."""
-    records = (results.get("data") or {}).get("group_counts") or []
-    attributes = list(dict.fromkeys(str(r.get("a")) for r in records))
-    names = {}
-    for r in records:
-        if "g" in r and attributes:
-            g = int(r["g"])
-            names[(g // len(attributes), g % len(attributes))] = f"{r.get('y')} / {r.get('a')}"
-    return names
 
 
 def sample_grid(rows: list[tuple[Path, dict[str, Any]]], names: dict, path: Path) -> None:

@@ -276,20 +276,10 @@ def generated_judged(run_dir: Path, results: dict[str, Any]) -> dict[str, Any]:
     if n_attrs != len(RULE_BACKGROUNDS):
         return {}
     hits = {a: [] for a in range(len(RULE_BACKGROUNDS))}
-    for manifest in sorted(run_dir.rglob("manifest")):
-        if not manifest.is_dir():
-            continue
-        root = manifest.parent
-        rows: dict[str, dict[str, Any]] = {}
-        for part in sorted(manifest.glob("part-*.jsonl")):
-            for line in part.read_text().splitlines():
-                try:
-                    row = json.loads(line)
-                except ValueError:
-                    continue  # a truncated last line (an interrupted write)
-                if isinstance(row, dict) and "key" in row:
-                    rows[row["key"]] = row
-        for row in rows.values():
+    from unspur.generate.store import run_store_rows
+
+    for root, rows in run_store_rows(run_dir):
+        for row in rows:
             path = root / str(row.get("filename", ""))
             a = int(row.get("a", -1))
             if a not in hits or not path.is_file():
@@ -479,8 +469,6 @@ def diffinject_samples(run_dir: Path, results: dict[str, Any]) -> dict[str, Any]
             for j, image in enumerate(images):
                 canvas.paste(image.resize((tile, tile)), (i * tile, j * tile))
         canvas.resize((canvas.width * 2, canvas.height * 2), Image.NEAREST).save(path)
-    try:  # the results folder gets a copy where the runner publishes artefacts
-        from unspur.bench.artefacts import Artefact
-    except ImportError:
-        return {"samples (content / style / injected)": path.name}
+    from unspur.bench.artefacts import Artefact  # published next to the table
+
     return {"samples (content / style / injected)": Artefact(path)}

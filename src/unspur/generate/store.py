@@ -651,3 +651,23 @@ def generate_into_store(
         generated=generated,
         merged=merged,
     )
+
+
+def find_stores(run_dir: str | Path) -> list[Path]:
+    """Every synthetic store below ``run_dir`` (a folder holding ``manifest/part-*.jsonl``),
+    in path order: where a run's generative methods left their images."""
+    return sorted({part.parent.parent for part in Path(run_dir).glob("**/manifest/part-*.jsonl")})
+
+
+def run_store_rows(run_dir: str | Path) -> list[tuple[Path, list[dict[str, Any]]]]:
+    """``(store root, rows)`` for every store below ``run_dir``, rows in request order
+    (``index``, then key). A store with a corrupt manifest part is left out, so reports
+    and measurements of a run still render without it."""
+    found = []
+    for root in find_stores(run_dir):
+        try:
+            rows = list(SyntheticStore(root).rows().values())
+        except UnspurError:
+            continue
+        found.append((root, sorted(rows, key=lambda r: (int(r.get("index", 0)), str(r["key"])))))
+    return found

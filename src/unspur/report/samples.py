@@ -22,6 +22,9 @@ from typing import Any
 
 from unspur.data.store import safe_join
 from unspur.errors import UnspurError
+from unspur.generate.store import find_stores, run_store_rows
+
+__all__ = ["find_stores", "group_names", "run_grids", "store_grid"]
 
 #: Images shown per group and store: one row of a readable grid (our choice).
 PER_GROUP = 8
@@ -29,13 +32,7 @@ PER_GROUP = 8
 CELL_PX = 96
 
 
-def find_stores(run_dir: Path) -> list[Path]:
-    """Every synthetic store below ``run_dir`` (a folder holding ``manifest/part-*.jsonl``)."""
-    roots = {part.parent.parent for part in Path(run_dir).glob("**/manifest/part-*.jsonl")}
-    return sorted(roots)
-
-
-def _group_names(results: dict[str, Any]) -> dict[tuple[int, int], str]:
+def group_names(results: dict[str, Any]) -> dict[tuple[int, int], str]:
     """``(y, a) -> "circle / water"`` from the run's recorded group counts, when present
     (group ``g = y * n_attrs + a``, the canonical table's numbering)."""
     records = (results.get("data") or {}).get("group_counts") or []
@@ -46,16 +43,6 @@ def _group_names(results: dict[str, Any]) -> dict[tuple[int, int], str]:
             g = int(r["g"])
             names[(g // len(attributes), g % len(attributes))] = f"{r.get('y')} / {r.get('a')}"
     return names
-
-
-def _rows(root: Path) -> list[dict[str, Any]]:
-    from unspur.generate.store import SyntheticStore
-
-    try:
-        rows = list(SyntheticStore(root).rows().values())
-    except UnspurError:  # a corrupt part: the report still renders, without this grid
-        return []
-    return sorted(rows, key=lambda r: (int(r.get("index", 0)), str(r["key"])))
 
 
 def _image(root: Path, filename: str, title: str) -> str:
@@ -73,6 +60,7 @@ def _image(root: Path, filename: str, title: str) -> str:
 
 def store_grid(
     root: Path,
+    rows: list[dict[str, Any]],
     names: dict[tuple[int, int], str] | None = None,
     per_group: int = PER_GROUP,
     label: str = "",
@@ -82,7 +70,6 @@ def store_grid(
     ``kept`` images only (what the method trained on) when the store records any;
     otherwise every image. Empty string when the store holds no image.
     """
-    rows = _rows(root)
     if any(r.get("kept", True) for r in rows):
         rows = [r for r in rows if r.get("kept", True)]
     if not rows:
@@ -115,11 +102,11 @@ def store_grid(
 
 def run_grids(run_dir: Path, results: dict[str, Any], per_group: int = PER_GROUP) -> str:
     """The grids of every store below ``run_dir`` ('' when it has none)."""
-    names = _group_names(results)
+    names = group_names(results)
     parts = []
-    for root in find_stores(run_dir):
+    for root, rows in run_store_rows(run_dir):
         where = root.relative_to(run_dir).as_posix()
-        grid = store_grid(root, names, per_group, label=where)
+        grid = store_grid(root, rows, names, per_group, label=where)
         if grid:
             parts.append(grid)
     return "\n".join(parts)
