@@ -206,6 +206,8 @@ def test_measurement_registry(tmp_path):
             "kept (paper)": 12,
             "used": 13,
         }
+        (run / "dbb" / "retrain_search.json").write_text(json.dumps({"chosen_lr": 1e-4}))
+        assert measure(["dbb_pruning"], run, results)["retrain lr (val)"] == "0.0001"
         columns = measure(
             ["timing", "mac_mask_quality", "mac_search", "test_constant"], run, results
         )

@@ -291,7 +291,7 @@ def test_dbb_end_to_end_with_a_tiny_engine(tiny_pair, tmp_path, monkeypatch):
     tiny_inpainter, tiny_t2i = tiny_pair
     method = available_methods()["dbb"]
     assert method.supervision.val_group_labels and not method.supervision.train_group_labels
-    config = _config(tiny_inpainter, inversion_model=str(tiny_t2i))
+    config = _config(tiny_inpainter, inversion_model=str(tiny_t2i), retrain_lr_grid=[1e-4, 1e-3])
     results = run(config, tmp_path)
     assert results["method"] == "dbb" and results["supervision"]["symbol"] == "✓"
     folder = tmp_path / "dbb"
@@ -343,7 +343,14 @@ def test_dbb_end_to_end_with_a_tiny_engine(tiny_pair, tmp_path, monkeypatch):
     assert [r["generated"] for r in rows] == [3, 3]
     assert sum(r["used"] for r in rows) == int(expected.sum())
     assert (folder / "figures" / "samples.png").is_file()
-    assert (tmp_path / "dbb" / "retrain" / "best" / "model.json").is_file()
+    # Retraining (defaults: Adam without weight decay, the rate chosen on validation):
+    # one stage per rate from the same start, the best validation score kept.
+    search = json.loads((folder / "retrain_search.json").read_text())
+    assert [c["lr"] for c in search["candidates"]] == [1e-4, 1e-3]
+    best = max(search["candidates"], key=lambda c: c["score"])
+    assert search["chosen_lr"] == best["lr"] and search["metric"] == "worst_group"
+    for rate in ("0.0001", "0.001"):
+        assert (folder / f"retrain_lr{rate}" / "best" / "model.json").is_file()
 
     # A rerun resumes every stage: no image is generated again.
     before = manifest[["key", "created"]].sort_values("key").to_numpy().tolist()
@@ -594,3 +601,31 @@ def test_dbb_refuses_bad_token_settings_before_training(tmp_path):
     assert not (tmp_path / "erm").exists()
     with pytest.raises(ConfigError, match="inversion_model"):
         run(_config(tmp_path, inversion_model=None), tmp_path / "run2")
+
+
+def test_retraining_defaults_follow_the_official_train_py_and_search_the_rate():
+    """The paper gives no optimiser (section 5.1, Table 10 gives batch and rate only):
+    the official train.py's Adam without weight decay; the rate is chosen on validation
+    over Table 10's decade and the two above it (our choice) unless a preset fixes it."""
+    from unspur.methods.dbb import DBB, RETRAIN_LR_GRID, retrain_learning_rates
+
+    defaults = DBB.defaults
+    assert defaults["retrain_optimizer"] == "adam"
+    assert defaults["retrain_weight_decay"] == 0.0
+    assert defaults["retrain_lr"] == "search"
+    assert tuple(defaults["retrain_lr_grid"]) == RETRAIN_LR_GRID == (1e-5, 1e-4, 1e-3)
+    assert retrain_learning_rates(dict(defaults)) == [1e-5, 1e-4, 1e-3]
+    assert retrain_learning_rates({**defaults, "retrain_lr": 5e-6}) == [5e-6]
+    assert retrain_learning_rates({**defaults, "retrain_lr": None}) is None
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"retrain_lr": "fast"}, {"retrain_lr": -1.0}, {"retrain_lr_grid": []},
+     {"retrain_lr_grid": [1e-4, "x"]}],
+)  # fmt: skip
+def test_bad_retraining_rates_are_refused_naming_the_option(options):
+    from unspur.methods.dbb import DBB, retrain_learning_rates
+
+    with pytest.raises(ConfigError, match="retrain_lr"):
+        retrain_learning_rates({**DBB.defaults, **options})

@@ -132,7 +132,8 @@ def mac_mask_quality(run_dir: Path, results: dict[str, Any]) -> dict[str, Any]:
 def dbb_pruning(run_dir: Path, results: dict[str, Any]) -> dict[str, Any]:
     """DBB's generated and pruned images (the DBB paper's Table 2), summed over classes:
     candidates generated, passing the softmax (psi, Eq. 3) and the attribution (rho,
-    Eq. 4-5) condition, kept by the paper's rule (both), and used by the variant."""
+    Eq. 4-5) condition, kept by the paper's rule (both), and used by the variant; and the
+    retraining rate chosen on validation (``retrain lr``) when the run searched it."""
     statistics = _read_json(run_dir / "dbb" / "statistics.json")
     if not isinstance(statistics, dict) or not statistics.get("classes"):
         return {}
@@ -143,10 +144,14 @@ def dbb_pruning(run_dir: Path, results: dict[str, Any]) -> dict[str, Any]:
         "kept_paper_rule": "kept (paper)",
         "used": "used",
     }
-    return {
+    columns: dict[str, Any] = {
         column: sum(int(c.get(key, 0)) for c in statistics["classes"])
         for key, column in names.items()
     }
+    search = _read_json(run_dir / "dbb" / "retrain_search.json")
+    if isinstance(search, dict) and search.get("chosen_lr") is not None:
+        columns["retrain lr (val)"] = f"{float(search['chosen_lr']):g}"
+    return columns
 
 
 @register("bg_probe")
