@@ -17,10 +17,11 @@ per digit, like MNIST pretraining with the colour made independent of the digit)
 the reader's default colouring seed 0 (every recorded run of this script used it: an
 earlier version passed ``seed=100``, the run seed, which never reaches the reader). No
 image of the biased split is used (every image is recoloured independently of its
-label), but the digit shapes are the same 7200 digits, as the
-paper's MNIST-pretrained ADM has seen CMNIST's source digits. h_share is measured on
-``--pairs`` images of the *validation* split (never seen by the DDPM), each paired with
-the next one (``roll(1)``), at t = 700, 500, 300; median and mean over the pairs.
+label), but the digit shapes are the same 7200 digits, as the paper's MNIST-pretrained
+ADM has seen CMNIST's source digits. h_share is measured on ``--pairs`` images of the
+*validation* split (never seen by the DDPM), each paired with the next one
+(``roll(1)``), at t = 700, 500, 300; median and mean over the pairs. ``--measure-from``
+only measures a saved DDPM (e.g. on more pairs, with a bootstrap interval of the median).
 
     nice -n 10 env OMP_NUM_THREADS=1 python bench/ddpm_hshare.py --data-dir ../shared/data \
         --steps 300 --out runs/ddpm_hshare/base
