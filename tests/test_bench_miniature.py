@@ -34,13 +34,19 @@ def test_the_miniature_suite_names_the_shipped_backbone_and_generator():
         assert variant.method == label
         assert _values(variant.overrides)["method.options.generator"] == "unspur:synthetic-domain"
         assert "CPU saving" in variant.note  # every deviation from the paper is named
-    assert not suite.assets  # shipped assets only: nothing built, nothing from --data-dir
+    # The methods use shipped assets only: the suite builds nothing but the judges of the
+    # generated images (measuring instruments that feed no method) and reads no data folder.
+    assert {a.build for a in suite.assets.values()} == {"judge"}
+    assert all(a.path is None for a in suite.assets.values())
+    for label in suite.labels:
+        assert not [n for n in suite.assets_of("synthetic-99", label) if n not in
+                    ("shape_judge", "background_judge")]  # fmt: skip
     for name in ("erm", "dfr_val", "groupdro", "jtt", "mac"):
         assert name in suite.variants
     mac = _values(suite.variants["mac"].overrides)
     assert mac["method.options.search"] == "true"  # (alpha, beta) chosen on validation
     for name in ("mac_mask_quality", "dbb_pruning", "bg_probe", "ffr_stage1", "cdb_clusters",
-                 "generated_judged"):  # fmt: skip
+                 "generated_judged", "judge_verdicts"):  # fmt: skip
         assert name in suite.measurements
 
 
