@@ -8,9 +8,9 @@ from pathlib import Path
 
 from PIL import Image
 
-from unspur.generate.store import SyntheticStore
+from unspur.generate.store import SyntheticStore, find_stores
 from unspur.report import render_compare_report, render_run_report
-from unspur.report.samples import find_stores, run_grids
+from unspur.report.samples import run_grids
 
 EVIL = "<script>alert(1)</script>"
 

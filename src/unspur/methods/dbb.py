@@ -155,7 +155,7 @@ from unspur.io import atomic_write_json, atomic_write_text
 from unspur.methods.base import Method, RunContext, Supervision, register_method
 from unspur.methods.mac import model_hash
 from unspur.train.features import with_transform
-from unspur.train.loop import FitResult, selection_score
+from unspur.train.loop import FitResult, candidate_rule, candidate_score
 from unspur.train.losses import weighted_cross_entropy
 from unspur.train.objectives import Objective
 from unspur.train.seeding import seed_everything
@@ -1211,7 +1211,7 @@ class DBB(Method):
         objective = DBBObjective(is_generated, resolve_gammas(options["gamma"], table.n_classes))
         rates = retrain_learning_rates(options) or [float(base.lr)]
         search = options["retrain_lr"] == RETRAIN_LR_SEARCH
-        rule = "average" if base.selection == "average" else "worst_group"
+        rule = candidate_rule(base.selection)
         start = deepcopy(reference.state_dict())  # every candidate starts here
         candidates, best = [], None
         for rate in rates:
@@ -1231,7 +1231,7 @@ class DBB(Method):
                 train_config=replace(config, lr=rate),
                 objective=objective,
             )
-            score = selection_score(result.best_val, rule) if result.best_val else -math.inf
+            score = candidate_score(result, rule)
             candidates.append({"lr": rate, "score": score, "best_epoch": result.best_epoch})
             if best is None or score > best[0]:
                 best = (score, rate, result, deepcopy(model.state_dict()))

@@ -88,7 +88,7 @@ from unspur.methods.base import Method, RunContext, Supervision, register_method
 from unspur.methods.last_layer import cached_features
 from unspur.models.base import Classifier
 from unspur.models.linear_head import LinearHead
-from unspur.train.loop import FitResult
+from unspur.train.loop import FitResult, candidate_rule
 from unspur.train.sampling import balanced_subsample_indices
 
 logger = logging.getLogger(__name__)
@@ -447,7 +447,7 @@ def dfr_train_fit(
 
 # ------------------------------------------------------------------------ methods
 def _tuning_metric(context: RunContext) -> str:
-    return "average" if context.config.train.selection == "average" else "worst_group"
+    return candidate_rule(context.config.train.selection)
 
 
 def _c_options(options: dict[str, Any]) -> tuple[float, ...]:

@@ -90,7 +90,6 @@ import copy
 import hashlib
 import json
 import logging
-import math
 from dataclasses import replace
 from typing import Any
 
@@ -122,7 +121,7 @@ from unspur.methods.last_layer import backbone_device, cached_features, train_he
 from unspur.models.base import Classifier
 from unspur.train.features import dataset_fingerprint, describe, with_transform
 from unspur.train.interventions import batch_mean_colour, combine, draw_partners, remove
-from unspur.train.loop import FitResult, selection_score
+from unspur.train.loop import FitResult, candidate_rule, candidate_score
 from unspur.train.objectives import Objective
 from unspur.train.sampling import class_balanced_weights
 from unspur.train.seeding import seed_everything
@@ -641,7 +640,7 @@ class MaC(Method):
         else:
             pairs = [(float(options["alpha"]), float(options["beta"]))]
         cached = self._cached_views(context, model, view, masks, options)
-        rule = "average" if context.config.train.selection == "average" else "worst_group"
+        rule = candidate_rule(context.config.train.selection)
 
         model.freeze_backbone()
         candidates, best = [], None
@@ -674,7 +673,7 @@ class MaC(Method):
                     objective=objective,
                     reset=False,
                 )
-            score = selection_score(result.best_val, rule) if result.best_val else -math.inf
+            score = candidate_score(result, rule)
             candidates.append(
                 {"alpha": alpha, "beta": beta, "score": score, "best_epoch": result.best_epoch}
             )

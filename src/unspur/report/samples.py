@@ -22,9 +22,7 @@ from typing import Any
 
 from unspur.data.store import safe_join
 from unspur.errors import UnspurError
-from unspur.generate.store import find_stores, run_store_rows
-
-__all__ = ["find_stores", "group_names", "run_grids", "store_grid"]
+from unspur.generate.store import run_store_rows
 
 #: Images shown per group and store: one row of a readable grid (our choice).
 PER_GROUP = 8

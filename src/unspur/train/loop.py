@@ -182,6 +182,18 @@ def selection_score(metrics: Mapping[str, float], rule: str) -> float:
     return metrics["accuracy"]
 
 
+def candidate_rule(selection: str) -> str:
+    """The rule for choosing between hyperparameter candidates on validation, given the
+    run's ``train.selection``: plain accuracy under ``average``, worst-group otherwise."""
+    return "average" if selection == "average" else "worst_group"
+
+
+def candidate_score(result: FitResult, rule: str) -> float:
+    """A trained candidate's :func:`selection_score` on its best validation metrics
+    (``-inf`` when it recorded none, so that any validated candidate wins over it)."""
+    return selection_score(result.best_val, rule) if result.best_val else -math.inf
+
+
 def _score(metrics: GroupMetrics, rule: str) -> float:
     return selection_score(metrics.headline(), rule)
 
