@@ -71,10 +71,10 @@ class DemoPlan:
     METHOD:key=value``, applied only when that method runs) with a note that names every
     speed option and the paper's value it replaces, and the seconds each method's run is
     expected to take on 2 idle cores, for the time-left estimate (the estimate then follows
-    this machine's pace). Measured on 2 *shared* cores as CPU seconds with
-    ``OMP_WAIT_POLICY=PASSIVE`` (2026-12-06: erm 81, dfr_val 11, mac 34 / 56 with the
-    search, dbb 89, groupdro 82, ffr 167, clustered_dreambooth 125, diffinject 275) and
-    divided by 1.5 for the second thread (an assumption: idle cores were not available)."""
+    this machine's pace). Measured as each run's wall seconds (``cost.json``) on 2 idle
+    cores (load average 0.1) from a fresh clone, 2026-12-06: ``unspur demo`` erm 35,
+    dfr_val 7, mac 15, dbb 63; ``unspur demo --full`` groupdro 39, ffr 76,
+    clustered_dreambooth 54, diffinject 132."""
 
     methods: str
     seeds: str
@@ -186,7 +186,7 @@ DIFFINJECT_NOTE = (
 QUICK = DemoPlan(
     methods="erm,dfr_val,mac,dbb",
     seeds="0",
-    seconds={"erm": 55.0, "dfr_val": 10.0, "mac": 25.0, "dbb": 85.0},
+    seconds={"erm": 35.0, "dfr_val": 7.0, "mac": 15.0, "dbb": 63.0},
     settings={"mac": MAC, "dbb": DBB},
     notes={"mac": MAC_NOTE, "dbb": DBB_NOTE},
 )
@@ -196,10 +196,10 @@ FULL = DemoPlan(
     seeds="0",
     seconds={
         **QUICK.seconds,
-        "groupdro": 55.0,
-        "ffr": 110.0,
-        "clustered_dreambooth": 85.0,
-        "diffinject": 185.0,
+        "groupdro": 39.0,
+        "ffr": 76.0,
+        "clustered_dreambooth": 54.0,
+        "diffinject": 132.0,
     },
     settings={
         "mac": MAC,
