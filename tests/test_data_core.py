@@ -107,3 +107,43 @@ def test_train_transform_is_random_and_eval_is_not():
     evaluation = eval_transform(16, 224 / 256)
     assert torch.equal(evaluation(image), evaluation(image))
     assert evaluation(image).shape == (3, 16, 16)
+
+
+def test_decoded_image_cache_gives_the_same_tensors_within_its_budget(tmp_path):
+    """The fixed steps' output is kept (so a JPEG is decoded once per run, not once per
+    epoch); random steps still run per access; the budget caps it; a copy for a worker
+    travels without it."""
+    import pickle
+
+    table = folder_table(tmp_path)
+    opened = []
+    store_open = table.store.open
+    table.store.open = lambda name: opened.append(name) or store_open(name)
+    fixed = eval_transform(8, 224 / 256, normalize=True)  # resize + centre crop: 2 steps
+    assert fixed.fixed_steps == 2 and train_transform(8, augment=True).fixed_steps == 0
+    plain = GroupDataset(table, fixed, cache_mb=0)
+    cached = GroupDataset(table, fixed)
+    for _ in range(3):
+        for i in range(len(table.frame)):
+            assert torch.equal(cached[i][0], plain[i][0])
+    assert len(opened) == 8 * 3 + 8  # the uncached dataset thrice, the cached one once
+    assert cached._cached_bytes == 8 * 8 * 8 * 3
+
+    # a transform with random steps after fixed ones: the same draws, the same tensors
+    from unspur.data.transforms import Compose, RandomHorizontalFlip, Resize
+
+    mixed = Compose([Resize(8), RandomHorizontalFlip()])
+    a, b = GroupDataset(table, mixed, cache_mb=0), GroupDataset(table, mixed)
+    for _ in range(2):
+        torch.manual_seed(0)
+        first = [a[i][0] for i in range(8)]
+        torch.manual_seed(0)
+        assert all(torch.equal(x, b[i][0]) for i, x in enumerate(first))
+
+    tiny = GroupDataset(table, fixed)
+    tiny.cache_bytes = 8 * 8 * 3 * 2  # room for two images
+    for i in range(8):
+        tiny[i]
+    assert sorted(tiny._cache) == [0, 1]
+    del table.store.open  # the counting wrapper is a local function: not picklable
+    assert pickle.loads(pickle.dumps(cached))._cache == {}

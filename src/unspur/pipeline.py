@@ -95,9 +95,13 @@ def prepare_data(config: RunConfig, table: GroupTable | None = None) -> Prepared
             require_nonempty_groups(table, split)
     return PreparedData(
         table=table,
-        train=GroupDataset(table.split("train"), training),
-        val=GroupDataset(table.split("val"), evaluation) if "val" in splits else None,
-        test=GroupDataset(table.split("test"), evaluation) if "test" in splits else None,
+        train=GroupDataset(table.split("train"), training, train.cache_mb),
+        val=GroupDataset(table.split("val"), evaluation, train.cache_mb)
+        if "val" in splits
+        else None,
+        test=GroupDataset(table.split("test"), evaluation, train.cache_mb)
+        if "test" in splits
+        else None,
         eval_transform=evaluation,
     )
 

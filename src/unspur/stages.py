@@ -25,6 +25,7 @@ from unspur.methods.base import RunContext
 COSMETIC_KEYS = (
     "train.progress",
     "train.num_workers",
+    "train.cache_mb",
     "train.eval_batch_size",
     "train.checkpoint_every",
     "train.tensorboard",

@@ -6,9 +6,11 @@ from collections.abc import Callable
 
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, get_worker_info
 
+from unspur.config import TrainConfig
 from unspur.data.table import GroupTable
+from unspur.data.transforms import Compose
 from unspur.errors import DataError
 
 
@@ -59,20 +61,40 @@ class GroupItems:
         return torch.bincount(self.g, minlength=self.n_groups)
 
 
+#: Memory for decoded, resized images per dataset: ``train.cache_mb``'s default.
+DECODE_CACHE_MB = TrainConfig.cache_mb
+
+
 class GroupDataset(GroupItems, Dataset):
     """Items are ``(image_tensor, y, g, index)``; ``index`` is the row in ``table``.
 
     ``raw(i)`` returns the untransformed PIL image for generators and segmenters, so the
     classifier's transforms never leak into them.
+
+    Decoding a JPEG and resizing it cost more than a small model's step on it, and every
+    epoch and evaluation repeated both. So the image after the transform's fixed steps
+    (resize, centre crop: :attr:`Compose.fixed_steps`) is kept in memory, up to
+    ``cache_mb`` per dataset, in the main process only (DataLoader workers decode in
+    parallel instead); random steps (crops, flips) still run on every access. The
+    tensors are the same as without the cache; ``cache_mb=0`` turns it off.
     """
 
-    def __init__(self, table: GroupTable, transform: Callable[[Image.Image], torch.Tensor]):
+    def __init__(
+        self,
+        table: GroupTable,
+        transform: Callable[[Image.Image], torch.Tensor],
+        cache_mb: int = DECODE_CACHE_MB,
+    ):
         self.table = table
         self.transform = transform
         self.filenames = table.frame["filename"].tolist()
         self.y = torch.tensor(table.frame["y"].to_numpy(), dtype=torch.long)
         self.a = torch.tensor(table.frame["a"].to_numpy(), dtype=torch.long)
         self.g = torch.as_tensor(table.groups, dtype=torch.long)
+        self.cache_bytes = max(0, int(cache_mb)) * 2**20
+        self._cache: dict[int, Image.Image] = {}
+        self._cached_bytes = 0
+        self._cache_owner: Callable[[Image.Image], torch.Tensor] | None = transform
 
     def __len__(self) -> int:
         return len(self.filenames)
@@ -88,8 +110,34 @@ class GroupDataset(GroupItems, Dataset):
             raise ItemError(str(exc)) from exc
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int, int]:
-        x = self.transform(self.raw(index))
-        return x, int(self.y[index]), int(self.g[index]), index
+        return self.image(index), int(self.y[index]), int(self.g[index]), index
+
+    def image(self, index: int) -> torch.Tensor:
+        """Item ``index`` through the transform, the fixed steps' output cached."""
+        transform = self.transform
+        if (
+            not self.cache_bytes
+            or not isinstance(transform, Compose)
+            or not transform.fixed_steps
+            or get_worker_info() is not None
+        ):
+            return transform(self.raw(index))
+        if self._cache_owner is not transform:  # a transform swapped in: start afresh
+            self._cache, self._cached_bytes, self._cache_owner = {}, 0, transform
+        image = self._cache.get(index)
+        if image is None:
+            image = transform.prefix(self.raw(index))
+            size = image.width * image.height * len(image.getbands())
+            if self._cached_bytes + size <= self.cache_bytes:
+                self._cache[index] = image
+                self._cached_bytes += size
+        return transform.finish(image)
+
+    def __getstate__(self) -> dict:
+        # A copy sent to a DataLoader worker or pickled travels without the cache.
+        state = dict(self.__dict__)
+        state["_cache"], state["_cached_bytes"] = {}, 0
+        return state
 
 
 def drop_bad_images(table: GroupTable, policy: str = "fail") -> GroupTable:

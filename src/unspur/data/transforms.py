@@ -59,14 +59,35 @@ class Compose(_Described):
         stats = [None if t is None else t.flatten().tolist() for t in (self.mean, self.std)]
         return f"Compose(steps={self.steps!r}, mean={stats[0]}, std={stats[1]})"
 
-    def __call__(self, image: Image.Image) -> torch.Tensor:
-        image = image.convert("RGB")
+    @property
+    def fixed_steps(self) -> int:
+        """How many leading steps give the same image every time (resize, centre crop):
+        their output can be computed once per image and kept (``GroupDataset``'s cache)."""
+        count = 0
         for step in self.steps:
+            if not isinstance(step, FIXED_STEPS):
+                break
+            count += 1
+        return count
+
+    def prefix(self, image: Image.Image) -> Image.Image:
+        """The image after the :attr:`fixed_steps` (RGB)."""
+        image = image.convert("RGB")
+        for step in self.steps[: self.fixed_steps]:
+            image = step(image)
+        return image
+
+    def finish(self, image: Image.Image) -> torch.Tensor:
+        """The rest of the transform on an image :meth:`prefix` returned."""
+        for step in self.steps[self.fixed_steps :]:
             image = step(image)
         tensor = to_tensor(image)
         if self.mean is not None and self.std is not None:
             tensor = (tensor - self.mean) / self.std
         return tensor
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        return self.finish(self.prefix(image))
 
 
 class Resize(_Described):
@@ -153,6 +174,10 @@ class RandomHorizontalFlip(_Described):
         if _rand() < self.p:
             return image.transpose(Image.FLIP_LEFT_RIGHT)
         return image
+
+
+#: Steps whose output depends on the image only (no random draw).
+FIXED_STEPS = (Resize, CenterCrop)
 
 
 def eval_transform(size: int, crop_ratio: float = 224 / 256, normalize: bool = True) -> Compose:
