@@ -324,6 +324,18 @@ def test_utkface_gender_with_age_bias(tmp_path: Path, make) -> None:
     assert snapshot(root) == before
 
 
+@pytest.mark.parametrize("cut", [0.5, 0.999])
+def test_a_truncated_utkface_archive_is_named(tmp_path: Path, cut: float) -> None:
+    """A download cut short (inside the gzip stream, or in its trailer) is a DataError
+    that names the archive and says to fetch it again, not a zlib traceback."""
+    root = make_utkface_archive(tmp_path / "utk")
+    archive = root / "UTKFace.tar.gz"
+    data = archive.read_bytes()
+    archive.write_bytes(data[: int(len(data) * cut)])
+    with pytest.raises(DataError, match=r"UTKFace\.tar\.gz.*fetch it again"):
+        load_dataset("utkface", root)
+
+
 def test_utkface_race_target_and_split_options(tmp_path: Path) -> None:
     root = make_utkface_folder(tmp_path)
     table = load_dataset("utkface", root, target="race", bias="gender")

@@ -11,7 +11,10 @@ race field); they are skipped and reported in ``info`` instead of failing the lo
 
 from __future__ import annotations
 
+import gzip
+import io
 import tarfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -320,17 +323,24 @@ def _subsample_train(
 
 
 def _read_archive(path: Path) -> dict[str, bytes]:
-    """Every image member of the archive, read in one pass (a .tar.gz is sequential)."""
+    """Every image member of the archive, read in one pass (a .tar.gz is sequential).
+
+    A gzip archive is decompressed in one call first: tarfile's streaming reader spent
+    about 60% of a run's 22 s table read in small gzip reads (measured on UTKFace.tar.gz,
+    2 shared cores; 14 s this way)."""
     members: dict[str, bytes] = {}
     try:
-        with tarfile.open(path, "r:*") as archive:
+        raw = path.read_bytes()
+        if raw[:2] == b"\x1f\x8b":
+            raw = gzip.decompress(raw)
+        with tarfile.open(fileobj=io.BytesIO(raw), mode="r:*") as archive:
             for member in archive:
                 if not member.isfile() or not is_image(Path(member.name)):
                     continue
                 handle = archive.extractfile(member)
                 if handle is not None:
                     members[member.name] = handle.read()
-    except (tarfile.TarError, EOFError, OSError) as exc:
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
         raise DataError(
             f"utkface: cannot read archive {path} ({exc}); the download is incomplete or "
             "corrupted, fetch it again"
