@@ -145,5 +145,8 @@ def test_decoded_image_cache_gives_the_same_tensors_within_its_budget(tmp_path):
     for i in range(8):
         tiny[i]
     assert sorted(tiny._cache) == [0, 1]
+    from unspur.train.features import with_transform
+
+    assert with_transform(plain, fixed).cache_bytes == 0  # a derived view keeps the budget
     del table.store.open  # the counting wrapper is a local function: not picklable
     assert pickle.loads(pickle.dumps(cached))._cache == {}

@@ -66,8 +66,9 @@ class TrainConfig:
     augment: bool = True
     augment_scale: tuple[float, float] = (0.7, 1.0)
     num_workers: int = 0
-    # MB per dataset of decoded, resized images kept in memory (GroupDataset); 0: off.
-    # Changes speed only, never a number. Our choice: the UTKFace benchmarks at 32-64 px
+    # MB per dataset of decoded, resized images kept in memory (GroupDataset): the run's
+    # train / val / test and the views derived from them; 0: off (datasets a method
+    # builds from generated images use the default). Changes speed only, never a number. Our choice: the UTKFace benchmarks at 32-64 px
     # fit whole; a 224 px Waterbirds train split (about 720 MB) fits in part.
     cache_mb: int = 512
     eval_batch_size: int = 256

@@ -91,7 +91,8 @@ class GroupDataset(GroupItems, Dataset):
         self.y = torch.tensor(table.frame["y"].to_numpy(), dtype=torch.long)
         self.a = torch.tensor(table.frame["a"].to_numpy(), dtype=torch.long)
         self.g = torch.as_tensor(table.groups, dtype=torch.long)
-        self.cache_bytes = max(0, int(cache_mb)) * 2**20
+        self.cache_mb = max(0, int(cache_mb))
+        self.cache_bytes = self.cache_mb * 2**20
         self._cache: dict[int, Image.Image] = {}
         self._cached_bytes = 0
         self._cache_owner: Callable[[Image.Image], torch.Tensor] | None = transform

@@ -37,7 +37,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from unspur.data.dataset import GroupDataset, GroupItems
+from unspur.data.dataset import DECODE_CACHE_MB, GroupDataset, GroupItems
 from unspur.data.table import GroupTable
 from unspur.errors import CheckpointError, UnspurError
 from unspur.models.base import Classifier
@@ -227,8 +227,9 @@ def feature_cache_key(model: nn.Module, dataset: Any) -> str:
 
 # -------------------------------------------------------------------- extraction
 def with_transform(dataset: GroupDataset, transform: Callable) -> GroupDataset:
-    """The same rows read through another transform (the eval transform for features)."""
-    return GroupDataset(dataset.table, transform)
+    """The same rows read through another transform (the eval transform for features),
+    with the same decoded-image budget."""
+    return GroupDataset(dataset.table, transform, getattr(dataset, "cache_mb", DECODE_CACHE_MB))
 
 
 @torch.no_grad()

@@ -237,7 +237,7 @@ def with_inferred_groups(dataset: Any, inference: GroupInference) -> Any:
     group-balanced sampling) runs on the pseudo-groups ``y * 2 + is_minority`` without
     seeing the true attribute. The true ``a`` is kept in a ``true_a`` column.
     """
-    from unspur.data.dataset import GroupDataset
+    from unspur.data.dataset import DECODE_CACHE_MB, GroupDataset
 
     table = dataset.table
     frame = table.frame.copy()
@@ -245,4 +245,6 @@ def with_inferred_groups(dataset: Any, inference: GroupInference) -> Any:
     frame["a"] = inference.is_minority.astype(np.int64)
     relabelled = table.with_frame(frame)
     relabelled.attr_names = ["inferred majority", "inferred minority"]
-    return GroupDataset(relabelled, dataset.transform)
+    return GroupDataset(
+        relabelled, dataset.transform, getattr(dataset, "cache_mb", DECODE_CACHE_MB)
+    )
