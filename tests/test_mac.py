@@ -312,6 +312,36 @@ def test_mac_search_with_cached_views_and_ground_truth_masks(tmp_path):
     assert overall.mask_fg > overall.mask_bg
 
 
+def test_mac_search_feature_cache_changes_speed_not_results(tmp_path):
+    # views=0 (the paper's fresh interventions): the candidates of the search share the
+    # backbone's features of each batch; with train.cache_mb=0 each runs the backbone.
+    options = [
+        "method.name=mac",
+        "method.options.saliency=ground_truth",
+        "method.options.search=true",
+        "method.options.alpha_grid=[0,1]",
+        "method.options.beta_grid=[0,2]",
+        "method.options.epochs=2",
+        "method.options.figures=0",
+    ]
+    summaries, heads = [], []
+    for budget in (512, 0):
+        out = tmp_path / f"cache{budget}"
+        run(load_config(None, [*DEBUG, *options, f"train.cache_mb={budget}"]), out)
+        summaries.append(json.loads((out / "mac" / "search.json").read_text()))
+        heads.append(load_checkpoint(out / "model").head.state_dict())
+    cached, plain = summaries
+    assert "feature_cache" not in plain
+    batches = cached["feature_cache"]["misses"]
+    assert batches > 0 and cached["feature_cache"]["hits"] == 3 * batches  # 4 candidates
+    assert [c["score"] for c in cached["candidates"]] == pytest.approx(
+        [c["score"] for c in plain["candidates"]]
+    )
+    assert (cached["alpha"], cached["beta"]) == (plain["alpha"], plain["beta"])
+    for key in heads[0]:
+        torch.testing.assert_close(heads[0][key], heads[1][key], atol=1e-5, rtol=1e-4)
+
+
 def test_mac_with_integrated_gradients_masks(tmp_path):
     config = mac_config(
         "saliency=integrated_gradients",

@@ -66,10 +66,13 @@ class TrainConfig:
     augment: bool = True
     augment_scale: tuple[float, float] = (0.7, 1.0)
     num_workers: int = 0
-    # MB per dataset of decoded, resized images kept in memory (GroupDataset): the run's
-    # train / val / test and the views derived from them; 0: off (datasets a method
-    # builds from generated images use the default). Changes speed only, never a number. Our choice: the UTKFace benchmarks at 32-64 px
-    # fit whole; a 224 px Waterbirds train split (about 720 MB) fits in part.
+    # MB of memory caches that change speed only, never a number; 0: off. Per dataset,
+    # decoded, resized images (GroupDataset): the run's train / val / test and the views
+    # derived from them (datasets a method builds from generated images use the
+    # default). Per MaC (alpha, beta) search, the frozen backbone's features of each
+    # batch's interventions, shared by the candidates. Our choice: the UTKFace
+    # benchmarks at 32-64 px fit whole; a 224 px Waterbirds train split (about 720 MB)
+    # fits in part.
     cache_mb: int = 512
     eval_batch_size: int = 256
     selection: str = "auto"  # auto | worst_group | average | last
@@ -178,7 +181,9 @@ RANGES: dict[str, Range] = {
         example="[0.7,1.0]",
     ),
     "train.num_workers": Range(0, meaning="DataLoader worker processes", example=0),
-    "train.cache_mb": Range(0, meaning="MB of decoded images kept per dataset", example=512),
+    "train.cache_mb": Range(
+        0, meaning="MB of speed-only caches (decoded images, MaC search features)", example=512
+    ),
     "train.checkpoint_every": Range(1, meaning="epochs between checkpoints", example=1),
     "train.threads": Range(1, meaning="torch threads", example=1),
 }

@@ -70,7 +70,12 @@ another class), so every epoch sees new partners. ``views: 0`` (the default, the
 does exactly that: an :class:`MaCObjective` builds both interventions for every batch
 of every epoch and runs the frozen backbone once on ``[x; x_rmv; x_comb]`` (one forward
 pass, no gradient; only the head's gradient is computed), so a head epoch costs about 3
-backbone forward passes over the training set, i.e. roughly one ERM epoch.
+backbone forward passes over the training set, i.e. roughly one ERM epoch. Under
+``search: true`` every candidate meets the same batches, partners and batch colours
+(the loop reseeds both every epoch), so the backbone's features of a batch are computed
+once and shared by the candidates (:class:`SearchFeatureCache`, within
+``train.cache_mb``): a speed cache that changes no number, 3 backbone passes per epoch
+for the whole grid instead of about 45.
 ``views: N`` (N >= 1) is **a speed option, not the paper**: it precomputes ``N``
 intervened views of every image once (each drawn from a random batch of
 ``batch_size`` as in training) and trains the head on cached features, cycling through
@@ -335,6 +340,56 @@ def _ce(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits, y)
 
 
+class SearchFeatureCache:
+    """The frozen backbone's features of each batch's clean, removed and combined images,
+    shared by the candidates of one (alpha, beta) search (``train.cache_mb``).
+
+    A speed cache, never a number: the loop reseeds the batch order and torch's global
+    RNG at every epoch, and every candidate draws its partners from that RNG in the same
+    way, so candidate ``k`` meets exactly the batches, partners and batch colours that
+    candidate 1 met. An entry is keyed by the batch's dataset indices and partners, so a
+    batch that differs (another seed, a resumed run) is computed, never mismatched.
+    Without the cache each candidate runs the backbone on its own (the 18 candidates of
+    App. B's grid cost about 45 backbone passes over the training set per epoch; with
+    it, 3). Entries stop being added when ``budget_mb`` is spent (logged once).
+    """
+
+    def __init__(self, budget_mb: int) -> None:
+        self.budget = int(budget_mb) * 1024 * 1024
+        self.used = 0
+        self.entries: dict[bytes, torch.Tensor] = {}
+        self.hits = 0
+        self.misses = 0
+        self._full_logged = False
+
+    @staticmethod
+    def key(index: torch.Tensor, partner: torch.Tensor) -> bytes:
+        """The batch's identity: its dataset indices and drawn partners."""
+        return index.cpu().numpy().tobytes() + b"|" + partner.cpu().numpy().tobytes()
+
+    def get(self, key: bytes) -> torch.Tensor | None:
+        features = self.entries.get(key)
+        if features is None:
+            self.misses += 1
+        else:
+            self.hits += 1
+        return features
+
+    def put(self, key: bytes, features: torch.Tensor) -> None:
+        size = features.numel() * features.element_size()
+        if self.used + size > self.budget:
+            if not self._full_logged:
+                logger.info(
+                    "MaC search feature cache full at %.0f MB (train.cache_mb): later "
+                    "batches run the backbone for every candidate",
+                    self.used / 2**20,
+                )
+                self._full_logged = True
+            return
+        self.entries[key] = features.detach().cpu()
+        self.used += size
+
+
 class MaCObjective(Objective):
     """Eq. 6, ``L_CE + alpha L_rmv + beta L_comb``, with interventions built per batch.
 
@@ -345,30 +400,70 @@ class MaCObjective(Objective):
     the loop passes. The model must be a :class:`Classifier` with a frozen backbone: the
     backbone runs once on the stacked clean, removed and combined images without
     gradient; only the head gets one. Partners come from torch's global RNG, which the
-    loop reseeds every epoch (resumable, reproducible).
+    loop reseeds every epoch (resumable, reproducible). With a :class:`SearchFeatureCache`
+    (the search) the partners are drawn for every candidate, ``beta = 0`` included, and
+    the backbone's features of all three image sets are computed once per batch and
+    reused by the other candidates.
     """
 
     name = "mac"
 
-    def __init__(self, masks: torch.Tensor, alpha: float, beta: float) -> None:
+    def __init__(
+        self,
+        masks: torch.Tensor,
+        alpha: float,
+        beta: float,
+        cache: SearchFeatureCache | None = None,
+    ) -> None:
         self.masks = masks
         self.alpha = float(alpha)
         self.beta = float(beta)
+        self.cache = cache
 
-    def step(self, model, x, y, g, index):
-        net = getattr(model, "module", model)
+    def _features(self, net, x, y, index):
+        """Features of the clean, removed and combined images (the last two ``None``
+        when their weight is 0 and there is no cache), and the combined samples kept."""
         m = self.masks[index.cpu()].to(device=x.device, dtype=x.dtype)[:, None]
         b = batch_mean_colour(x)
+        partner = draw_partners(y) if (self.beta or self.cache is not None) else None
+        key = None
+        if self.cache is not None:
+            key = self.cache.key(index, partner)
+            cached = self.cache.get(key)
+            if cached is not None:
+                n = len(y)
+                keep = torch.nonzero(partner >= 0).reshape(-1).to(x.device)
+                cached = cached.to(x.device)
+                return cached[:n], cached[n : 2 * n], cached[2 * n :], keep
         parts = [x]
-        if self.alpha:
+        if self.alpha or key is not None:
             parts.append(remove(x, m, b))
         keep = torch.zeros(0, dtype=torch.long, device=x.device)
-        if self.beta:
-            mixed, keep = combine(x, m, draw_partners(y), b)
+        if self.beta or key is not None:
+            mixed, keep = combine(x, m, partner.to(x.device), b)
             parts.append(mixed)
         with torch.no_grad():
             features = net.features(torch.cat(parts))
-        logits_all = net.head(features)
+        n = len(y)
+        if key is not None:
+            self.cache.put(key, features)
+            return features[:n], features[n : 2 * n], features[2 * n :], keep
+        offset, removed, combined = n, None, None
+        if self.alpha:
+            removed, offset = features[offset : offset + n], offset + n
+        if self.beta:
+            combined = features[offset:]
+        return features[:n], removed, combined, keep
+
+    def step(self, model, x, y, g, index):
+        net = getattr(model, "module", model)
+        clean, removed, combined, keep = self._features(net, x, y, index)
+        parts = [clean]
+        if self.alpha:
+            parts.append(removed)
+        if self.beta:
+            parts.append(combined)
+        logits_all = net.head(torch.cat(parts))
         n = len(y)
         logits = logits_all[:n]
         loss = F.cross_entropy(logits, y)
@@ -643,13 +738,16 @@ class MaC(Method):
         rule = candidate_rule(context.config.train.selection)
 
         model.freeze_backbone()
+        search_cache = None
+        if len(pairs) > 1 and context.config.train.cache_mb > 0:
+            search_cache = SearchFeatureCache(context.config.train.cache_mb)
         candidates, best = [], None
         for alpha, beta in pairs:
             stage = f"mac/head_a{alpha:g}_b{beta:g}" if options["search"] else "mac/head"
             seed_everything(context.config.seed)  # every candidate starts from the same head
             model.reset_head()
             if cached is None:
-                objective = MaCObjective(masks, alpha, beta)
+                objective = MaCObjective(masks, alpha, beta, search_cache)
                 result = context.fit(
                     model,
                     stage,
@@ -692,6 +790,12 @@ class MaC(Method):
             "views": options["views"],
             "masks": info,
         }
+        if search_cache is not None:
+            summary["feature_cache"] = {
+                "hits": search_cache.hits,
+                "misses": search_cache.misses,
+                "mb": round(search_cache.used / 2**20, 1),
+            }
         atomic_write_json(directory / ("search.json" if options["search"] else "mac.json"), summary)
         if figure is not None:
             self._figure_after(context, model, options, figure, directory)
