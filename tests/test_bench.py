@@ -346,3 +346,14 @@ def test_only_invocations_keep_each_settings_provenance(tmp_path, capsys):
     assert "--only other " in record["settings"]["other"]["command"]
     assert "--only other " in record["command"]
     assert (out / "tiny.md").exists() and (out / "other.md").exists()
+    # A record written before provenance.json kept one per setting stands for the
+    # settings its command named.
+    legacy = {k: v for k, v in record["settings"]["tiny"].items() if k != "assets"}
+    legacy = {"suite": record["suite"], **legacy, "assets": {}}
+    (out / "provenance.json").write_text(json.dumps(legacy))
+    assert main([*base, "--only", "other"]) == 0
+    capsys.readouterr()
+    merged = json.loads((out / "provenance.json").read_text())
+    assert list(merged["settings"]) == ["tiny", "other"]
+    assert "--only tiny " in merged["settings"]["tiny"]["command"]
+    assert "--only other " in merged["settings"]["other"]["command"]

@@ -463,6 +463,18 @@ def run_suite(
     return written
 
 
+def _legacy_settings(previous: dict[str, Any], suite: Suite) -> dict[str, Any]:
+    """The per-setting records of a ``provenance.json`` written before it kept them: its
+    one top-level record stands for the settings its command's ``--only`` named (every
+    setting without ``--only``)."""
+    words = str(previous.get("command", "")).split()
+    named = list(suite.settings)
+    if "--only" in words[:-1]:
+        named = words[words.index("--only") + 1].split(",")
+    record = {k: v for k, v in previous.items() if k not in ("suite", "settings")}
+    return {name: record for name in named if name in suite.settings}
+
+
 def merged_provenance(
     path: Path, suite: Suite, names: list[str], record: dict[str, Any], records: dict[str, Any]
 ) -> dict[str, Any]:
@@ -476,7 +488,7 @@ def merged_provenance(
         except (OSError, json.JSONDecodeError):  # an unreadable record is rewritten whole
             previous = {}
         if isinstance(previous, dict) and previous.get("suite") == suite.name:
-            kept = previous.get("settings", {})
+            kept = previous.get("settings") or _legacy_settings(previous, suite)
             settings = {k: v for k, v in kept.items() if k in suite.settings and k not in names}
     for name in names:
         used = {
