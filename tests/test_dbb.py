@@ -406,6 +406,111 @@ def test_dbb_ablations_no_inversion_no_pruning(tiny_inpainter, tmp_path, monkeyp
     assert json.loads((folder / "statistics.json").read_text())["pruning"] == "none"
 
 
+def test_dbb_variants_share_tokens_and_candidates_through_the_cache(
+    tiny_inpainter, tmp_path, monkeypatch
+):
+    """``shared_cache``: a pruning variant restores the tokens and candidates of the run
+    before it (same images, bytes and scores, as a run without the cache makes them); a
+    variant that changes the masks restores the tokens only."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from unspur.config import load_config as load
+
+    erm = load(None, helpers.DEBUG + ["method.name=erm"])
+    run(erm, tmp_path / "erm")
+    shared = tmp_path / "shared"
+
+    def variant(name, **options):
+        config = _config(tiny_inpainter, **options)
+        config.method.reference = str(tmp_path / "erm" / "model")
+        run(config, tmp_path / name)
+        folder = tmp_path / name / "dbb"
+        summary = json.loads((folder / "dbb.json").read_text())
+        return folder, summary["restored_from_shared_cache"]
+
+    first, restored = variant("both", shared_cache=str(shared))
+    assert restored == {}
+    assert sorted(p.name.rsplit("-", 1)[0] for p in shared.iterdir()) == [
+        "dbb-candidates", "dbb-tokens"
+    ]  # fmt: skip
+    none, restored = variant("none", shared_cache=str(shared), pruning="none")
+    assert set(restored) == {"tokens", "store"}
+    alone, restored = variant("alone", pruning="none")  # no cache: made from scratch
+    assert restored == {}
+
+    def manifest(folder):
+        return pd.read_csv(folder / "store" / "manifest.csv").sort_values("key")
+
+    assert manifest(none)["created"].tolist() == manifest(first)["created"].tolist()
+    assert manifest(alone)["created"].tolist() != manifest(first)["created"].tolist()
+    for name in manifest(alone)["filename"]:  # the images a run makes itself
+        assert (none / "store" / name).read_bytes() == (alone / "store" / name).read_bytes()
+    columns = ["key", "psi", "rho", "P", "used"]
+    shared_rows = pd.read_csv(none / "candidates.csv")[columns]
+    alone_rows = pd.read_csv(alone / "candidates.csv")[columns]
+    pd.testing.assert_frame_equal(shared_rows, alone_rows)
+    assert shared_rows["used"].all()  # its own pruning mode, not the first run's
+    # Other masks: the tokens are shared, the candidates are not.
+    box, restored = variant("box", shared_cache=str(shared), mask_region="box")
+    assert set(restored) == {"tokens"}
+    assert len(list(shared.iterdir())) == 3
+
+
+def test_shared_cache_keys_restores_and_publishes(tmp_path):
+    from unspur.shared_cache import SharedCache, restored_from
+
+    cache = SharedCache(tmp_path / "cache")
+    source = tmp_path / "made"
+    (source / "images").mkdir(parents=True)
+    (source / "images" / "a.png").write_bytes(b"first")
+    assert cache.restore("stage", {"k": 1}, tmp_path / "run1") is None  # nothing yet
+    entry = cache.publish("stage", {"k": 1}, source)
+    (source / "images" / "a.png").write_bytes(b"second")
+    assert cache.publish("stage", {"k": 1}, source) == entry  # the first copy is kept
+    assert cache.restore("stage", {"k": 2}, tmp_path / "run1") is None  # other inputs
+    assert cache.restore("stage", {"k": 1}, tmp_path / "run1") == entry
+    assert (tmp_path / "run1" / "images" / "a.png").read_bytes() == b"first"
+    assert restored_from(tmp_path / "run1") == entry.name and restored_from(source) is None
+    started = tmp_path / "run2"
+    started.mkdir()
+    (started / "part").write_text("mine")
+    assert cache.restore("stage", {"k": 1}, started) is None  # a started run resumes its own
+    assert sorted(p.name for p in started.iterdir()) == ["part"]
+
+
+def test_dbb_shared_inputs_leave_out_only_later_options(tmp_path):
+    """Pruning and retraining options do not split the candidates' cache; everything
+    generation reads does, and the mask options split the candidates, not the tokens."""
+    from types import SimpleNamespace
+
+    from unspur.methods.dbb import CANDIDATES_STAGE, TOKENS_STAGE, shared_inputs
+    from unspur.shared_cache import SharedCache
+
+    cache = SharedCache(tmp_path)
+    config = _config("domain")
+    options = available_methods()["dbb"].resolve_options(config.method.options)
+
+    def key(stage, **changed):
+        context = SimpleNamespace(config=config)
+        return cache.entry(stage, shared_inputs(context, {**options, **changed}, "r", "w", stage))
+
+    for stage in (TOKENS_STAGE, CANDIDATES_STAGE):
+        assert key(stage) == key(stage, pruning="none", retrain_lr=1e-3, gamma=2.0, figures=0)
+        assert key(stage) != key(stage, token_samples=5)
+        assert key(stage) != key(stage, masker="saliency")
+    assert key(TOKENS_STAGE) == key(TOKENS_STAGE, mask_region="box", k=7, steps=9)
+    assert key(CANDIDATES_STAGE) != key(CANDIDATES_STAGE, mask_region="box")
+    assert key(CANDIDATES_STAGE) != key(CANDIDATES_STAGE, k=7)
+    assert key(CANDIDATES_STAGE) != key(CANDIDATES_STAGE, rho_threshold=[0.1, 0.1])
+    context = SimpleNamespace(config=config)
+    assert cache.entry(
+        CANDIDATES_STAGE, shared_inputs(context, options, "r", "w", CANDIDATES_STAGE)
+    ) != (
+        cache.entry(
+            CANDIDATES_STAGE, shared_inputs(context, options, "other", "w", CANDIDATES_STAGE)
+        )
+    )
+
+
 def test_dbb_refuses_bad_options(tmp_path):
     config = _config("domain", pruning="sometimes")
     with pytest.raises(ConfigError, match="pruning"):

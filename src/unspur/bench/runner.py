@@ -28,7 +28,14 @@ from unspur.bench.artefacts import publish
 from unspur.bench.assets import asset_folder, build_asset, relation
 from unspur.bench.measurements import measure
 from unspur.bench.provenance import Clock, machine_paths, provenance, provenance_lines
-from unspur.bench.suite import ASSET_REF, Suite, load_suite, oracle_mark, pipeline_symbol
+from unspur.bench.suite import (
+    ASSET_REF,
+    SHARED_REF,
+    Suite,
+    load_suite,
+    oracle_mark,
+    pipeline_symbol,
+)
 from unspur.compare import COLUMN, DIFF_COLUMN, TABLE_METRICS, compare, markdown_table, plan
 from unspur.config import RunConfig, apply_overrides
 from unspur.errors import ConfigError, UnspurError
@@ -52,9 +59,21 @@ def _label_of(override: str) -> str | None:
     return head if sep and "=" not in head and "." not in head else None
 
 
-def substitute(overrides: list[str], folders: dict[str, Path]) -> list[str]:
-    """``overrides`` with every ``{asset:NAME}`` replaced by that asset's folder."""
-    return [ASSET_REF.sub(lambda m: str(folders[m.group(1)]), o) for o in overrides]
+def substitute(
+    overrides: list[str], folders: dict[str, Path], shared: Path | None = None
+) -> list[str]:
+    """``overrides`` with every ``{asset:NAME}`` replaced by that asset's folder and
+    ``{shared}`` by the setting's folder for what its runs share (:data:`SHARED_REF`)."""
+    out = [ASSET_REF.sub(lambda m: str(folders[m.group(1)]), o) for o in overrides]
+    if shared is not None:
+        out = [o.replace(SHARED_REF, str(shared)) for o in out]
+    return out
+
+
+def shared_folder(setting_work: Path) -> Path:
+    """``WORK/<setting>/shared``: what the runs of one setting share (a method's
+    ``shared_cache``), next to their run folders."""
+    return setting_work / "shared"
 
 
 def setting_base(
@@ -63,12 +82,13 @@ def setting_base(
     data_dir: Path | None,
     threads: int | None,
     folders: dict[str, Path] | None = None,
+    shared: Path | None = None,
 ) -> tuple[dict, list[str]]:
     """The config mapping every method of a setting starts from, and the setting's
     ``LABEL:key=value`` overrides for one method or variant (``ffr:method.options.x=1``)."""
     setting = suite.settings[name]
     overrides = [*suite.overrides, *setting.overrides, "train.progress=false"]
-    overrides = substitute(overrides, folders or {})
+    overrides = substitute(overrides, folders or {}, shared)
     per_label = [o for o in overrides if _label_of(o) in suite.variants]
     overrides = [o for o in overrides if o not in per_label]
     if threads is not None:
@@ -140,9 +160,12 @@ def _checked(text: str, path: Path) -> str:
     return text
 
 
-def variants_with(suite: Suite, folders: dict[str, Path]) -> dict[str, tuple[str, list[str]]]:
-    """The suite's variants for :func:`unspur.compare.plan`, asset references resolved."""
-    return {k: (m, substitute(o, folders)) for k, (m, o) in suite.compare_variants().items()}
+def variants_with(
+    suite: Suite, folders: dict[str, Path], shared: Path | None = None
+) -> dict[str, tuple[str, list[str]]]:
+    """The suite's variants for :func:`unspur.compare.plan`, references resolved."""
+    variants = suite.compare_variants().items()
+    return {k: (m, substitute(o, folders, shared)) for k, (m, o) in variants}
 
 
 def run_setting(
@@ -155,7 +178,7 @@ def run_setting(
     folders: dict[str, Path] | None = None,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[str]]:
     """Run (or find finished) one setting; returns (table rows, run rows, failures)."""
-    variants = variants_with(suite, folders or {})
+    variants = variants_with(suite, folders or {}, shared_folder(work))
     base, per_label = base
     configs: dict[tuple[str, int], RunConfig] = {
         (label, seed): config
@@ -397,7 +420,10 @@ def run_suite(
     for n in suite.assets:  # a dataset folder named by {asset:NAME} in an override
         if n not in folders and data_dir is not None and suite.assets[n].path is not None:
             folders[n] = data_dir / str(suite.assets[n].path)
-    bases = {name: setting_base(suite, name, data_dir, threads, folders) for name in names}
+    bases = {
+        name: setting_base(suite, name, data_dir, threads, folders, shared_folder(work / name))
+        for name in names
+    }
     for name, (base, per_label) in bases.items():
         try:
             plan(
@@ -406,7 +432,7 @@ def run_suite(
                 seeds,
                 per_label,
                 work / name,
-                variants_with(suite, folders),
+                variants_with(suite, folders, shared_folder(work / name)),
                 True,
             )
         except UnspurError as exc:

@@ -56,6 +56,10 @@ ASSET_KEYS = ("path", "labels", "what", "build", "data", "seed", "options")
 #: the bias attribute count as training group labels).
 ASSET_LABELS = {"none": 0, "val_groups": 1, "train_groups": 2}
 SYMBOLS = ("x", "✓", "✓✓")
+#: ``{shared}`` in an override: ``WORK/<setting>/shared``, a folder the runs of one
+#: setting share (e.g. DBB's ``shared_cache``, where pruning variants of a seed find the
+#: candidates another variant generated). ``{asset:NAME}`` names an asset's folder.
+SHARED_REF = "{shared}"
 #: Method options that feed the method an oracle input: (method, option, value) -> mark.
 ORACLE_OPTIONS = {
     ("mac", "saliency", "ground_truth"): "exact object masks",

@@ -98,6 +98,18 @@ The recipe, stage by stage (files under ``out_dir/dbb``):
    class, selected, masked, generated, passing each condition, kept by the paper's rule,
    used; the thresholds), a sample grid (``figures/samples.png``) and a run-report
    section.
+9. **Sharing between runs** (``shared_cache``, our option, a speed-up only). Given a
+   folder (:class:`~unspur.shared_cache.SharedCache`), the finished ``tokens/`` and
+   ``store/`` of a run are copied there under a digest of every input they depend on
+   (the run's config without :data:`AFTER_GENERATION` options, and for the tokens
+   without :data:`AFTER_TOKENS` either; the ERM model's hash; the generator's weights),
+   and a later run with the same inputs starts from that copy instead of learning and
+   generating again: the pruning ablations (``pruning``) and retraining variants of one
+   seed reuse one set of candidates, ``mask_region`` variants one set of tokens. The
+   images are the ones the run would have made (generation is seeded per request); the
+   store's per-request check and textual inversion's own fingerprint still refuse
+   anything made from other inputs, and each run keeps complete copies (``dbb.json``
+   names the entries it restored).
 
 Defaults. The paper's presets (Table 4's K, Table 10's batch size, learning rate,
 gamma1, gamma2, P1, P2, section 7's class balancing) are in ``configs/waterbirds_dbb.yaml``,
@@ -180,6 +192,24 @@ RETRAIN_LR_GRID = (1e-5, 1e-4, 1e-3)
 REASON_PSI = "psi >= Psi_i (the new image still looks like its original class)"
 REASON_RHO = "rho <= P_i' (the edited region does not support the new class)"
 REASON_NO_MASK = "no mask"
+#: Options read only after the candidates are generated and scored (pruning's decision,
+#: rho's calibration, retraining, figures): runs that differ in nothing else share their
+#: tokens and candidates through ``shared_cache``.
+AFTER_GENERATION = (
+    "pruning", "rho_calibration_samples", "rho_calibration_quantile", "gamma", "init",
+    "retrain_epochs", "retrain_lr", "retrain_lr_grid", "retrain_batch_size",
+    "retrain_optimizer", "retrain_weight_decay", "figures", "shared_cache",
+)  # fmt: skip
+#: Options read by selection, masks, generation and scoring but not by textual inversion:
+#: runs that differ in these (and ``AFTER_GENERATION``) share their tokens only.
+AFTER_TOKENS = (
+    "k", "copies", "mask_region", "mask_dilation", "prompt_template", "plain_template",
+    "steps", "guidance_scale", "strength", "paste_back", "generation_batch_size",
+    "psi_reference", "rho_threshold", "ig_target", "ig_steps", "ig_internal_batch_size",
+    "ig_batch_size", "ig_output",
+)  # fmt: skip
+TOKENS_STAGE = "dbb-tokens"
+CANDIDATES_STAGE = "dbb-candidates"
 
 
 # ------------------------------------------------------------------- selection
@@ -690,6 +720,7 @@ class DBB(Method):
         "retrain_optimizer": "adam",  # paper silent; official train.py: Adam
         "retrain_weight_decay": 0.0,  # paper silent; official train.py: no weight decay
         "figures": 8,
+        "shared_cache": None,  # our option: a speed-up that changes no image (docstring 9)
     }
     # A tiny, fast run for the registry-wide test: a tiny domain model trained for one
     # step per stage, ground-truth masks (the debug data is the synthetic benchmark),
@@ -746,12 +777,15 @@ class DBB(Method):
 
         generator = self._generator(context, options)
         masker = _MaskSource(context, options, reference)
+        shared = _SharedStages(context, options, reference_id, generator.weights_id, directory)
         token_info = {}
         tokens: dict[int, str] = {}
         if options["textual_inversion"]:
+            shared.restore(TOKENS_STAGE, "tokens")
             tokens, token_info = self._tokens(
                 context, options, generator, masker, losses, y, pool, directory
             )
+            shared.publish(TOKENS_STAGE, "tokens")
         atomic_write_json(
             directory / "selection.json",
             {
@@ -767,10 +801,12 @@ class DBB(Method):
             },
         )
 
+        shared.restore(CANDIDATES_STAGE, "store")
         store, requests, mask_ok = self._generate(
             context, options, generator, masker, reference, selected, tokens,
             psi_thresholds, reference_id, directory,
         )  # fmt: skip
+        shared.publish(CANDIDATES_STAGE, "store")
         candidates, rho_thresholds = self._decide(
             store, requests, mask_ok, psi_thresholds, options, n_classes, context.config.seed
         )
@@ -794,6 +830,7 @@ class DBB(Method):
             "used": int(candidates["used"].sum()) if len(candidates) else 0,
             "weights": generator.weights_id,
             "statistics": "statistics.json",
+            "restored_from_shared_cache": shared.restored,
         }
         atomic_write_json(directory / "dbb.json", summary)
         history = [*result.history, {"dbb": summary}]
@@ -1354,6 +1391,51 @@ class _Scorer:
         if any(o is None for o in out):
             raise UnspurError("DBB rho filter left a candidate without a verdict")
         return out
+
+
+# ------------------------------------------------------------ shared cache
+def shared_inputs(
+    context: RunContext, options: dict[str, Any], reference_id: str, weights_id: str, stage: str
+) -> dict[str, Any]:
+    """Every input of DBB's ``stage`` (tokens or candidates): the run's config without
+    the options read only later (:data:`AFTER_GENERATION`, and :data:`AFTER_TOKENS` for
+    the tokens), the ERM model's hash and the generator's weights."""
+    from unspur.stages import run_inputs
+
+    later = AFTER_GENERATION + (AFTER_TOKENS if stage == TOKENS_STAGE else ())
+    inputs = run_inputs(context.config)
+    resolved = json.loads(json.dumps(options, sort_keys=True, default=str))
+    inputs["method"]["options"] = {k: v for k, v in resolved.items() if k not in later}
+    return {"stage": stage, "run": inputs, "reference": reference_id, "generator": weights_id}
+
+
+class _SharedStages:
+    """``shared_cache``: restore a stage folder of ``out_dir/dbb`` before the stage runs,
+    publish it once the stage is done (docstring step 9); does nothing without it."""
+
+    def __init__(self, context, options, reference_id, weights_id, directory: Path) -> None:
+        from unspur.shared_cache import SharedCache
+
+        root = options["shared_cache"]
+        self.cache = SharedCache(root) if root else None
+        self.args = (context, options, reference_id, weights_id)
+        self.directory = directory
+
+    @property
+    def restored(self) -> dict[str, str]:
+        """The folders of this run restored from the cache, with their entries."""
+        from unspur.shared_cache import restored_from
+
+        found = {f: restored_from(self.directory / f) for f in ("tokens", "store")}
+        return {folder: entry for folder, entry in found.items() if entry}
+
+    def restore(self, stage: str, folder: str) -> None:
+        if self.cache is not None:
+            self.cache.restore(stage, shared_inputs(*self.args, stage), self.directory / folder)
+
+    def publish(self, stage: str, folder: str) -> None:
+        if self.cache is not None:
+            self.cache.publish(stage, shared_inputs(*self.args, stage), self.directory / folder)
 
 
 # ----------------------------------------------------------------- maskers
