@@ -442,6 +442,7 @@ def test_dbb_variants_share_tokens_and_candidates_through_the_cache(
 
     assert manifest(none)["created"].tolist() == manifest(first)["created"].tolist()
     assert manifest(alone)["created"].tolist() != manifest(first)["created"].tolist()
+    alone_created = manifest(alone)["created"].tolist()
     for name in manifest(alone)["filename"]:  # the images a run makes itself
         assert (none / "store" / name).read_bytes() == (alone / "store" / name).read_bytes()
     columns = ["key", "psi", "rho", "P", "used"]
@@ -449,6 +450,11 @@ def test_dbb_variants_share_tokens_and_candidates_through_the_cache(
     alone_rows = pd.read_csv(alone / "candidates.csv")[columns]
     pd.testing.assert_frame_equal(shared_rows, alone_rows)
     assert shared_rows["used"].all()  # its own pruning mode, not the first run's
+    # Setting the cache on a finished run changes none of its stages' inputs: it resumes.
+    config = _config(tiny_inpainter, pruning="none", shared_cache=str(shared))
+    config.method.reference = str(tmp_path / "erm" / "model")
+    run(config, tmp_path / "alone", force=True)
+    assert manifest(alone)["created"].tolist() == alone_created
     # Other masks: the tokens are shared, the candidates are not.
     box, restored = variant("box", shared_cache=str(shared), mask_region="box")
     assert set(restored) == {"tokens"}

@@ -287,6 +287,33 @@ def test_usb_and_asb_share_one_pool_of_images(tmp_path, domain_model):
     assert len(SyntheticStore(pool).rows()) == generated + needed
 
 
+def test_train_method_variants_share_the_pool_through_the_cache(tmp_path, domain_model):
+    """``shared_cache``: ASB with another ``train_method`` restores the pool of the run
+    before it (the same images a run without the cache makes); another generation seed
+    makes its own."""
+    cache = f"method.options.shared_cache={tmp_path / 'shared'}"
+    _run(tmp_path / "erm", "asb", domain_model, cache)
+    _run(tmp_path / "gdro", "asb", domain_model, cache, "method.options.train_method=groupdro")
+    _run(tmp_path / "alone", "asb", domain_model, "method.options.train_method=groupdro")
+    _run(tmp_path / "seed", "asb", domain_model, cache, "method.options.generation_seed=5")
+
+    def generation(name):
+        info = json.loads((tmp_path / name / "asb" / "budget.json").read_text())
+        return info["generation"]["restored_from_shared_cache"]
+
+    def manifest(name):
+        return pd.read_csv(tmp_path / name / "asb" / "synthetic" / "manifest.csv")
+
+    assert generation("erm") == {} and generation("alone") == {} and generation("seed") == {}
+    assert set(generation("gdro")) == {"synthetic"}
+    assert manifest("gdro")["created"].tolist() == manifest("erm")["created"].tolist()
+    assert manifest("alone")["created"].tolist() != manifest("erm")["created"].tolist()
+    for name in manifest("alone")["filename"]:
+        made = tmp_path / "alone" / "asb" / "synthetic" / name
+        assert (tmp_path / "gdro" / "asb" / "synthetic" / name).read_bytes() == made.read_bytes()
+    assert len(list((tmp_path / "shared").iterdir())) == 2  # the seed-5 pool is another
+
+
 def test_ffr_with_a_pipeline_directory_and_a_template(tmp_path):
     from unspur.generate.components import build_pipeline
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -84,3 +85,39 @@ def restored_from(folder: str | Path) -> str | None:
         return str(json.loads((Path(folder) / RESTORED_FILE).read_text())["entry"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+def method_stage_inputs(
+    config: Any, options: dict[str, Any], later: Sequence[str], **extra: Any
+) -> dict[str, Any]:
+    """The inputs of a method's stage: the run's config without cosmetic keys, the
+    method's resolved ``options`` without those read only after the stage (``later``),
+    and ``extra`` (e.g. the hash of the model the stage starts from)."""
+    from unspur.stages import run_inputs
+
+    inputs = run_inputs(config)
+    resolved = json.loads(json.dumps(options, sort_keys=True, default=str))
+    inputs["method"]["options"] = {k: v for k, v in resolved.items() if k not in later}
+    return {"run": inputs, **extra}
+
+
+class StageSharing:
+    """A run's use of a :class:`SharedCache` (none when ``root`` is empty): restore a
+    folder of ``directory`` before its stage runs, publish it once the stage is done."""
+
+    def __init__(self, root: str | Path | None, directory: str | Path) -> None:
+        self.cache = SharedCache(root) if root else None
+        self.directory = Path(directory)
+
+    def restore(self, stage: str, inputs: Any, folder: str) -> None:
+        if self.cache is not None:
+            self.cache.restore(stage, inputs, self.directory / folder)
+
+    def publish(self, stage: str, inputs: Any, folder: str) -> None:
+        if self.cache is not None:
+            self.cache.publish(stage, inputs, self.directory / folder)
+
+    def restored(self, folders: Sequence[str]) -> dict[str, str]:
+        """The ``folders`` of this run restored from the cache, with their entries."""
+        found = {folder: restored_from(self.directory / folder) for folder in folders}
+        return {folder: entry for folder, entry in found.items() if entry}

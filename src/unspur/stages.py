@@ -31,6 +31,10 @@ COSMETIC_KEYS = (
     "train.tensorboard",
     "train.threads",
 )
+#: Method options that only say where finished work may be shared between runs (a
+#: speed-up that changes no result): left out of run and stage fingerprints like
+#: :data:`COSMETIC_KEYS`, so setting one neither reruns a finished run nor refuses it.
+COSMETIC_OPTIONS = ("shared_cache",)
 #: Stages whose training does not depend on the method: the ERM reference model. A
 #: rerun with another method or other method options on the same directory reuses them.
 SHARED_STAGES = ("erm",)
@@ -78,9 +82,19 @@ def _data_inputs(data: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
+def _without_cosmetic_options(options: Any) -> Any:
+    if not isinstance(options, dict):
+        return options
+    return {k: v for k, v in options.items() if k not in COSMETIC_OPTIONS}
+
+
 def run_inputs(config: RunConfig) -> dict[str, Any]:
-    """What a whole run depends on: the resolved config without :data:`COSMETIC_KEYS`."""
+    """What a whole run depends on: the resolved config without :data:`COSMETIC_KEYS`
+    and :data:`COSMETIC_OPTIONS`."""
     values = _drop_cosmetic(config.to_dict())
+    method = values.get("method")
+    if isinstance(method, dict):
+        method["options"] = _without_cosmetic_options(method.get("options"))
     values["data"] = _data_inputs(values["data"])
     return values
 
@@ -136,7 +150,8 @@ class StagedContext(RunContext):
     A stage's fingerprint covers the data section, the model section, the train config
     the stage runs with (without :data:`COSMETIC_KEYS`), the seed, the training and
     validation sets it is given (size and labels), the objective's type and, except for
-    the method-independent :data:`SHARED_STAGES`, the method's name, resolved options,
+    the method-independent :data:`SHARED_STAGES`, the method's name, resolved options
+    (without :data:`COSMETIC_OPTIONS`),
     group inference and reference. It is written to ``out_dir/<stage>/fingerprint.json``
     before training; an existing stage with another fingerprint is refused with the
     keys that differ (so a changed config never silently resumes someone else's
@@ -164,7 +179,7 @@ class StagedContext(RunContext):
         if stage not in SHARED_STAGES:
             inputs["method"] = {
                 "name": config.method.name,
-                "options": _jsonable(self.options),
+                "options": _without_cosmetic_options(_jsonable(self.options)),
                 "group_inference": _jsonable(config.method.group_inference),
                 "reference": config.method.reference,
             }

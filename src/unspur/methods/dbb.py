@@ -166,6 +166,7 @@ from unspur.errors import ConfigError, UnspurError
 from unspur.io import atomic_write_json, atomic_write_text
 from unspur.methods.base import Method, RunContext, Supervision, register_method
 from unspur.methods.mac import model_hash
+from unspur.shared_cache import StageSharing
 from unspur.train.features import with_transform
 from unspur.train.loop import FitResult, candidate_rule, candidate_score
 from unspur.train.losses import weighted_cross_entropy
@@ -777,15 +778,19 @@ class DBB(Method):
 
         generator = self._generator(context, options)
         masker = _MaskSource(context, options, reference)
-        shared = _SharedStages(context, options, reference_id, generator.weights_id, directory)
+        shared = StageSharing(options["shared_cache"], directory)
+
+        def inputs(stage: str) -> dict[str, Any]:
+            return shared_inputs(context, options, reference_id, generator.weights_id, stage)
+
         token_info = {}
         tokens: dict[int, str] = {}
         if options["textual_inversion"]:
-            shared.restore(TOKENS_STAGE, "tokens")
+            shared.restore(TOKENS_STAGE, inputs(TOKENS_STAGE), "tokens")
             tokens, token_info = self._tokens(
                 context, options, generator, masker, losses, y, pool, directory
             )
-            shared.publish(TOKENS_STAGE, "tokens")
+            shared.publish(TOKENS_STAGE, inputs(TOKENS_STAGE), "tokens")
         atomic_write_json(
             directory / "selection.json",
             {
@@ -801,12 +806,12 @@ class DBB(Method):
             },
         )
 
-        shared.restore(CANDIDATES_STAGE, "store")
+        shared.restore(CANDIDATES_STAGE, inputs(CANDIDATES_STAGE), "store")
         store, requests, mask_ok = self._generate(
             context, options, generator, masker, reference, selected, tokens,
             psi_thresholds, reference_id, directory,
         )  # fmt: skip
-        shared.publish(CANDIDATES_STAGE, "store")
+        shared.publish(CANDIDATES_STAGE, inputs(CANDIDATES_STAGE), "store")
         candidates, rho_thresholds = self._decide(
             store, requests, mask_ok, psi_thresholds, options, n_classes, context.config.seed
         )
@@ -830,7 +835,7 @@ class DBB(Method):
             "used": int(candidates["used"].sum()) if len(candidates) else 0,
             "weights": generator.weights_id,
             "statistics": "statistics.json",
-            "restored_from_shared_cache": shared.restored,
+            "restored_from_shared_cache": shared.restored(["tokens", "store"]),
         }
         atomic_write_json(directory / "dbb.json", summary)
         history = [*result.history, {"dbb": summary}]
@@ -1400,42 +1405,12 @@ def shared_inputs(
     """Every input of DBB's ``stage`` (tokens or candidates): the run's config without
     the options read only later (:data:`AFTER_GENERATION`, and :data:`AFTER_TOKENS` for
     the tokens), the ERM model's hash and the generator's weights."""
-    from unspur.stages import run_inputs
+    from unspur.shared_cache import method_stage_inputs
 
     later = AFTER_GENERATION + (AFTER_TOKENS if stage == TOKENS_STAGE else ())
-    inputs = run_inputs(context.config)
-    resolved = json.loads(json.dumps(options, sort_keys=True, default=str))
-    inputs["method"]["options"] = {k: v for k, v in resolved.items() if k not in later}
-    return {"stage": stage, "run": inputs, "reference": reference_id, "generator": weights_id}
-
-
-class _SharedStages:
-    """``shared_cache``: restore a stage folder of ``out_dir/dbb`` before the stage runs,
-    publish it once the stage is done (docstring step 9); does nothing without it."""
-
-    def __init__(self, context, options, reference_id, weights_id, directory: Path) -> None:
-        from unspur.shared_cache import SharedCache
-
-        root = options["shared_cache"]
-        self.cache = SharedCache(root) if root else None
-        self.args = (context, options, reference_id, weights_id)
-        self.directory = directory
-
-    @property
-    def restored(self) -> dict[str, str]:
-        """The folders of this run restored from the cache, with their entries."""
-        from unspur.shared_cache import restored_from
-
-        found = {f: restored_from(self.directory / f) for f in ("tokens", "store")}
-        return {folder: entry for folder, entry in found.items() if entry}
-
-    def restore(self, stage: str, folder: str) -> None:
-        if self.cache is not None:
-            self.cache.restore(stage, shared_inputs(*self.args, stage), self.directory / folder)
-
-    def publish(self, stage: str, folder: str) -> None:
-        if self.cache is not None:
-            self.cache.publish(stage, shared_inputs(*self.args, stage), self.directory / folder)
+    return method_stage_inputs(
+        context.config, options, later, stage=stage, reference=reference_id, generator=weights_id
+    )
 
 
 # ----------------------------------------------------------------- maskers

@@ -42,7 +42,13 @@ and, when the prompt draws words at random (the paper's templates), words drawn 
 same triple, so one pool serves every method: USB, ASB and FFR of a seed use the first
 images of each group of the same pool (as the official loaders take the first files of
 each group's folder). Pass ``store`` (a directory) to share a pool between runs; it must
-then be made by the same generator. Images removed by a filter are recorded with
+then be made by the same generator. ``shared_cache`` (a directory, our option; a
+speed-up only) shares it more safely: a run's finished pool is copied there under a
+digest of every input generation reads (the run's config without the training options
+of :data:`AFTER_GENERATION`, and the generator's weights), and a run with the same inputs
+(e.g. the same method with another ``train_method``) starts from that copy, so it
+generates nothing and keeps a complete pool of its own (``budget.json`` names the entry
+it restored). Images removed by a filter are recorded with
 ``kept: false``; more are generated (up to ``max_tries`` times the group's target)
 until the group has its target of kept images; a shortfall is recorded, not hidden.
 
@@ -152,6 +158,7 @@ from unspur.generate.store import image_seed
 from unspur.io import atomic_write_json
 from unspur.methods import ffr_presets as presets
 from unspur.methods.base import Method, RunContext, Supervision, get_method, register_method
+from unspur.shared_cache import StageSharing, method_stage_inputs
 from unspur.train.loop import FitResult
 
 logger = logging.getLogger(__name__)
@@ -165,6 +172,14 @@ GRAYSCALE_ANIMALS = 200_000 / (512 * 512)
 FFR_DFR_C_OPTIONS = [3.0, 1.0, 0.3, 0.1, 0.03, 0.01, 0.003]
 PAPER_TRAIN_METHODS = ("erm", "resample_group", "groupdro", "dfr_val")
 SYNTHETIC_METHODS = ("ffr", "usb", "asb")
+#: Options read only after the synthetic pool is generated (how the classifier is
+#: trained, the probe): runs that differ in nothing else share their pool through
+#: ``shared_cache``.
+AFTER_GENERATION = (
+    "train_method", "train_options", "train", "pretrain", "finetune", "freeze_bn",
+    "source_groups", "preset", "level", "lr_search", "lr_grid", "probe", "shared_cache",
+)  # fmt: skip
+POOL_STAGE = "synthetic-pool"
 
 _BIG_DOGS = (
     "Rhodesian Ridgeback, Afghan Hound, Basset Hound, Beagle, Bloodhound, Bluetick Coonhound, "
@@ -659,6 +674,7 @@ class _SyntheticMethod(Method):
         "budget": "usb",
         "generation_seed": None,
         "store": None,
+        "shared_cache": None,  # our option: a speed-up that changes no image (docstring)
         "probe": True,
         "preset": None,
         "level": None,
@@ -787,6 +803,14 @@ class _SyntheticMethod(Method):
         seed = options["generation_seed"]
         seed = context.config.seed if seed is None else int(seed)
         root = Path(options["store"]) if options["store"] else directory / "synthetic"
+        # Without a user's pool, variants that differ only in training share the pool
+        # through shared_cache (a copy per run; keyed by everything generation reads).
+        shared = StageSharing(None if options["store"] else options["shared_cache"], directory)
+        inputs = method_stage_inputs(
+            context.config, options, AFTER_GENERATION, stage=POOL_STAGE,
+            generator=generator.weights_id,
+        )  # fmt: skip
+        shared.restore(POOL_STAGE, inputs, root.name)
         store = SyntheticStore(root)
 
         def generate(batch):
@@ -807,6 +831,7 @@ class _SyntheticMethod(Method):
             filters=filters,
             max_tries=float(options["max_tries"]),
         )
+        shared.publish(POOL_STAGE, inputs, root.name)
         keys = [k for g in sorted(chosen) for k in chosen[g]]
         merged = store.to_table(real, split="train", prefix=free_prefix(real.frame["filename"]))
         frame = merged.frame
@@ -834,6 +859,7 @@ class _SyntheticMethod(Method):
             },
             "generation_seed": seed,
             "store": str(root),
+            "restored_from_shared_cache": shared.restored([root.name]),
             "filters": [f.__name__ for f in filters],
             "grayscale_threshold": options["grayscale_threshold"] if filters else None,
             "used_per_group": got,
