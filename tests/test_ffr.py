@@ -287,31 +287,40 @@ def test_usb_and_asb_share_one_pool_of_images(tmp_path, domain_model):
     assert len(SyntheticStore(pool).rows()) == generated + needed
 
 
-def test_train_method_variants_share_the_pool_through_the_cache(tmp_path, domain_model):
-    """``shared_cache``: ASB with another ``train_method`` restores the pool of the run
-    before it (the same images a run without the cache makes); another generation seed
-    makes its own."""
+def test_runs_with_the_same_pool_inputs_share_it_through_the_cache(tmp_path, domain_model):
+    """``shared_cache``: a run restores the pool of an earlier run with the same
+    generation inputs (another ``train_method``; FFR after ASB, the same targets; another
+    run seed with a fixed ``generation_seed``): the same images a run without the cache
+    makes. USB (other targets) and another generation seed make their own."""
     cache = f"method.options.shared_cache={tmp_path / 'shared'}"
-    _run(tmp_path / "erm", "asb", domain_model, cache)
-    _run(tmp_path / "gdro", "asb", domain_model, cache, "method.options.train_method=groupdro")
-    _run(tmp_path / "alone", "asb", domain_model, "method.options.train_method=groupdro")
-    _run(tmp_path / "seed", "asb", domain_model, cache, "method.options.generation_seed=5")
+    gdro = "method.options.train_method=groupdro"
+    _run(tmp_path / "asb", "asb", domain_model, cache)
+    _run(tmp_path / "ffr", "ffr", domain_model, cache, gdro)
+    _run(tmp_path / "alone", "ffr", domain_model, gdro)
+    _run(tmp_path / "usb", "usb", domain_model, cache)
+    _run(tmp_path / "seed5", "asb", domain_model, cache, "method.options.generation_seed=5")
+    _run(
+        tmp_path / "run1", "asb", domain_model, cache, "seed=1", "method.options.generation_seed=5"
+    )
 
-    def generation(name):
-        info = json.loads((tmp_path / name / "asb" / "budget.json").read_text())
+    def generation(name, method):
+        info = json.loads((tmp_path / name / method / "budget.json").read_text())
         return info["generation"]["restored_from_shared_cache"]
 
-    def manifest(name):
-        return pd.read_csv(tmp_path / name / "asb" / "synthetic" / "manifest.csv")
+    def manifest(name, method):
+        return pd.read_csv(tmp_path / name / method / "synthetic" / "manifest.csv")
 
-    assert generation("erm") == {} and generation("alone") == {} and generation("seed") == {}
-    assert set(generation("gdro")) == {"synthetic"}
-    assert manifest("gdro")["created"].tolist() == manifest("erm")["created"].tolist()
-    assert manifest("alone")["created"].tolist() != manifest("erm")["created"].tolist()
-    for name in manifest("alone")["filename"]:
-        made = tmp_path / "alone" / "asb" / "synthetic" / name
-        assert (tmp_path / "gdro" / "asb" / "synthetic" / name).read_bytes() == made.read_bytes()
-    assert len(list((tmp_path / "shared").iterdir())) == 2  # the seed-5 pool is another
+    assert generation("asb", "asb") == {} and generation("alone", "ffr") == {}
+    assert generation("usb", "usb") == {} and generation("seed5", "asb") == {}
+    assert set(generation("ffr", "ffr")) == {"synthetic"}
+    assert set(generation("run1", "asb")) == {"synthetic"}
+    created = manifest("asb", "asb")["created"].tolist()
+    assert manifest("ffr", "ffr")["created"].tolist() == created
+    assert manifest("alone", "ffr")["created"].tolist() != created
+    for name in manifest("alone", "ffr")["filename"]:
+        made = (tmp_path / "alone" / "ffr" / "synthetic" / name).read_bytes()
+        assert (tmp_path / "ffr" / "ffr" / "synthetic" / name).read_bytes() == made
+    assert len(list((tmp_path / "shared").iterdir())) == 3  # ASB/FFR's, USB's, seed 5's
 
 
 def test_ffr_with_a_pipeline_directory_and_a_template(tmp_path):

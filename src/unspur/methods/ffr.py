@@ -44,11 +44,13 @@ images of each group of the same pool (as the official loaders take the first fi
 each group's folder). Pass ``store`` (a directory) to share a pool between runs; it must
 then be made by the same generator. ``shared_cache`` (a directory, our option; a
 speed-up only) shares it more safely: a run's finished pool is copied there under a
-digest of every input generation reads (the run's config without the training options
-of :data:`AFTER_GENERATION`, and the generator's weights), and a run with the same inputs
-(e.g. the same method with another ``train_method``) starts from that copy, so it
-generates nothing and keeps a complete pool of its own (``budget.json`` names the entry
-it restored). Images removed by a filter are recorded with
+digest of every input generation reads (:func:`pool_inputs`: the data section, the
+generation seed, the per-group targets, the options but the training ones of
+:data:`AFTER_GENERATION`, the generator's weights), and a run with the same inputs (the
+same mode with another ``train_method``, ASB and FFR, which have the same targets, and
+with a fixed ``generation_seed`` every run seed) starts from that copy, so it generates
+nothing and keeps a complete pool of its own (``budget.json`` names the entry it
+restored). Images removed by a filter are recorded with
 ``kept: false``; more are generated (up to ``max_tries`` times the group's target)
 until the group has its target of kept images; a shortfall is recorded, not hidden.
 
@@ -806,10 +808,7 @@ class _SyntheticMethod(Method):
         # Without a user's pool, variants that differ only in training share the pool
         # through shared_cache (a copy per run; keyed by everything generation reads).
         shared = StageSharing(None if options["store"] else options["shared_cache"], directory)
-        inputs = method_stage_inputs(
-            context.config, options, AFTER_GENERATION, stage=POOL_STAGE,
-            generator=generator.weights_id,
-        )  # fmt: skip
+        inputs = pool_inputs(context, options, budget, generator.weights_id)
         shared.restore(POOL_STAGE, inputs, root.name)
         store = SyntheticStore(root)
 
@@ -969,6 +968,27 @@ class _SyntheticMethod(Method):
         record = result.to_dict()
         atomic_write_json(directory / "probe.json", record)
         return record
+
+
+def pool_inputs(
+    context: RunContext, options: dict[str, Any], budget: SyntheticBudget, weights_id: str
+) -> dict[str, Any]:
+    """Everything a synthetic pool depends on (the key of ``shared_cache``): the data
+    section (class and attribute names), the generation seed, the per-group targets,
+    the generation options (all but :data:`AFTER_GENERATION`) and the generator's
+    weights. Not the method's name, model or train config, which generation never
+    reads: ASB and FFR (the same budget) and, with a fixed ``generation_seed``, every
+    run seed share one pool."""
+    seed = options["generation_seed"]
+    inputs = method_stage_inputs(context.config, options, AFTER_GENERATION)["run"]
+    return {
+        "stage": POOL_STAGE,
+        "data": inputs["data"],
+        "seed": context.config.seed if seed is None else int(seed),
+        "targets": [int(n) for n in budget.synthetic],
+        "options": inputs["method"]["options"],
+        "generator": weights_id,
+    }
 
 
 def _digest(values: list[str]) -> str:
