@@ -87,6 +87,18 @@ def uses_reference(config: RunConfig) -> bool:
     return method.uses_reference or config.method.group_inference is not None
 
 
+def spelled_from_cwd(path: Path) -> Path:
+    """``path`` relative to the working directory when it lies below it. A run's config
+    holds its ERM reference's path, so the same folder spelled absolutely or relatively
+    must give the same paths, or a rerun would not find its finished runs."""
+    if not path.is_absolute():
+        return path
+    try:
+        return path.resolve().relative_to(Path.cwd().resolve())
+    except ValueError:
+        return path
+
+
 def plan(
     base: dict[str, Any],
     methods: list[str],
@@ -109,6 +121,7 @@ def plan(
     from unspur.stages import run_fingerprint
 
     variants = variants or {}
+    out_dir = spelled_from_cwd(out_dir)
 
     def method_of(label: str) -> str:
         return variants[label][0] if label in variants else label
