@@ -70,7 +70,7 @@ from unspur.io import atomic_dir, atomic_write_json
 
 Task = Literal["text2image", "inpaint"]
 
-#: Named sizes. ``small`` is the benchmark size (see bench/results/domain_model.md);
+#: Named sizes. ``small`` is the benchmark size (see bench/results/generators/);
 #: ``tiny`` is for tests. Both have a factor-2 autoencoder: 32 px -> 16x16x4 latents.
 SIZE_PRESETS: dict[str, ComponentSizes] = {
     "tiny": ComponentSizes(
@@ -112,7 +112,8 @@ INPAINT = "inpaint"
 @dataclass
 class DomainModelConfig:
     """Settings of :func:`train_domain_model`; the defaults are the benchmark's (about
-    half an hour of one CPU thread for 32 px images, see bench/results/domain_model.md).
+    half an hour to two hours of one CPU thread for 32 px images, see
+    bench/results/generators/, whose ``recipe_domain`` asset is these defaults).
 
     ``caption_template`` names the class ``{class}`` and the bias attribute ``{bias}``;
     ``class_template`` / ``bias_template`` are the captions with only one of them

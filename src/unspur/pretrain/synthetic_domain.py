@@ -15,7 +15,7 @@ trained on its *own* draw of the synthetic benchmark, never on a benchmark split
   papers show it drawing "waterbird on land" on water), so an unbiased stand-in would
   flatter the methods; but at the benchmark's 0.95-0.999 the minority groups hold
   50-100 images and the previous recipe drew "cross on land" on land only 64-68% of
-  the time (bench/results/domain_model.md). At 0.9 each minority group holds 200 of
+  the time (the legacy bench/results/domain_model.md). At 0.9 each minority group holds 200 of
   4,000 images: moderately biased, still drawable.
 - **Labels**: the captions ("a photo of a {class} on {bias}") name the shape *and the
   background* of every training image, so the generator was trained with the group
@@ -25,7 +25,8 @@ trained on its *own* draw of the synthetic benchmark, never on a benchmark split
   its training split.
 - **Model and schedule**: :class:`~unspur.generate.domain.DomainModelConfig`'s defaults
   (``small`` sizes, 500 / 2,800 / 500 steps of batch 32, lr 1e-3, min-SNR, EMA), the
-  settings bench/results/domain_model.md measured (about 34 CPU-minutes on one thread).
+  settings of bench/results/generators/'s ``recipe_domain`` asset (34 CPU-minutes on one
+  thread when measured alone; 117 with a training job on the other core).
 - **Export**: both pipelines are saved in fp16 (:func:`export_shipped`; the small text
   encoder in fp32, so a plain ``from_pretrained`` gives an fp32 pipeline), about 10 MB
   together, with ``card.json`` holding the provenance (data draw, labels, seeds, steps,
