@@ -87,20 +87,6 @@ def restored_from(folder: str | Path) -> str | None:
         return None
 
 
-def method_stage_inputs(
-    config: Any, options: dict[str, Any], later: Sequence[str], **extra: Any
-) -> dict[str, Any]:
-    """The inputs of a method's stage: the run's config without cosmetic keys, the
-    method's resolved ``options`` without those read only after the stage (``later``),
-    and ``extra`` (e.g. the hash of the model the stage starts from)."""
-    from unspur.stages import run_inputs
-
-    inputs = run_inputs(config)
-    resolved = json.loads(json.dumps(options, sort_keys=True, default=str))
-    inputs["method"]["options"] = {k: v for k, v in resolved.items() if k not in later}
-    return {"run": inputs, **extra}
-
-
 class StageSharing:
     """A run's use of a :class:`SharedCache` (none when ``root`` is empty): restore a
     folder of ``directory`` before its stage runs, publish it once the stage is done."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -97,6 +98,18 @@ def run_inputs(config: RunConfig) -> dict[str, Any]:
         method["options"] = _without_cosmetic_options(method.get("options"))
     values["data"] = _data_inputs(values["data"])
     return values
+
+
+def method_stage_inputs(
+    config: RunConfig, options: dict[str, Any], later: Sequence[str], **extra: Any
+) -> dict[str, Any]:
+    """The inputs of a method's stage (the key of a :mod:`unspur.shared_cache` entry):
+    :func:`run_inputs`, with the method's resolved ``options`` less those read only after
+    the stage (``later``), and ``extra`` (e.g. the hash of the model the stage starts
+    from)."""
+    inputs = run_inputs(config)
+    inputs["method"]["options"] = {k: v for k, v in _jsonable(options).items() if k not in later}
+    return {"run": inputs, **extra}
 
 
 def run_fingerprint(config: RunConfig) -> str:

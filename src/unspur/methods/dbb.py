@@ -1405,7 +1405,7 @@ def shared_inputs(
     """Every input of DBB's ``stage`` (tokens or candidates): the run's config without
     the options read only later (:data:`AFTER_GENERATION`, and :data:`AFTER_TOKENS` for
     the tokens), the ERM model's hash and the generator's weights."""
-    from unspur.shared_cache import method_stage_inputs
+    from unspur.stages import method_stage_inputs
 
     later = AFTER_GENERATION + (AFTER_TOKENS if stage == TOKENS_STAGE else ())
     return method_stage_inputs(

@@ -160,7 +160,7 @@ from unspur.generate.store import image_seed
 from unspur.io import atomic_write_json
 from unspur.methods import ffr_presets as presets
 from unspur.methods.base import Method, RunContext, Supervision, get_method, register_method
-from unspur.shared_cache import StageSharing, method_stage_inputs
+from unspur.shared_cache import StageSharing
 from unspur.train.loop import FitResult
 
 logger = logging.getLogger(__name__)
@@ -979,6 +979,8 @@ def pool_inputs(
     weights. Not the method's name, model or train config, which generation never
     reads: ASB and FFR (the same budget) and, with a fixed ``generation_seed``, every
     run seed share one pool."""
+    from unspur.stages import method_stage_inputs
+
     seed = options["generation_seed"]
     inputs = method_stage_inputs(context.config, options, AFTER_GENERATION)["run"]
     return {
