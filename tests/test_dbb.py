@@ -201,6 +201,15 @@ def test_reference_scores_are_per_sample_cross_entropy(tmp_path):
     assert np.allclose(probabilities.sum(1), 1.0, atol=1e-5)
 
 
+def test_latent_blend_defaults_to_eq2_and_bad_values_name_the_choices():
+    from unspur.methods.dbb import _check_options
+
+    options = available_methods()["dbb"].resolve_options({})
+    assert options["latent_blend"] == "clean"  # Eq. 2: z_0 outside the mask
+    with pytest.raises(ConfigError, match=r"latent_blend='paste' is not none\|clean\|noised"):
+        _check_options({**options, "latent_blend": "paste"}, 2)
+
+
 def test_option_helpers():
     assert resolve_k(5, [3, 10]) == [3, 5]
     assert resolve_k(0.5, [4, 10]) == [2, 5]
@@ -506,6 +515,8 @@ def test_dbb_shared_inputs_leave_out_only_later_options(tmp_path):
     assert key(TOKENS_STAGE) == key(TOKENS_STAGE, mask_region="box", k=7, steps=9)
     assert key(CANDIDATES_STAGE) != key(CANDIDATES_STAGE, mask_region="box")
     assert key(CANDIDATES_STAGE) != key(CANDIDATES_STAGE, k=7)
+    assert key(CANDIDATES_STAGE) != key(CANDIDATES_STAGE, latent_blend="none")
+    assert key(TOKENS_STAGE) == key(TOKENS_STAGE, latent_blend="none")
     assert key(CANDIDATES_STAGE) != key(CANDIDATES_STAGE, rho_threshold=[0.1, 0.1])
     context = SimpleNamespace(config=config)
     assert cache.entry(

@@ -52,6 +52,7 @@ COMMON = {
     "masker": "text_prompt",
     "mask_dilation": 0,
     "paste_back": False,
+    "latent_blend": "clean",  # Eq. 2
     "psi_reference": "class",
     "pruning": "both",
     "ig_target": "new",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -280,3 +281,75 @@ def test_safety_checker_is_dropped_only_when_asked(weights, tmp_path):
     generator = load_generator(copy, "text2image", device="cpu", safety_checker=False)
     assert generator.pipeline.safety_checker is None
     assert generator.text_to_image("a cat", [0], FAST)[0].size == (32, 32)
+
+
+@pytest.mark.parametrize("mode", ["clean", "noised"])
+def test_latent_blend_keeps_the_original_latents_outside_the_mask(inpainter, mode):
+    """DBB's Eq. 2 on a 9-channel UNet (which diffusers never blends): after the last
+    step the latents outside the pipeline's latent mask are exactly the original's z_0,
+    inside they are generated; without the blend they are not z_0 anywhere."""
+    from unspur.generate.latent_blend import LatentBlend
+
+    pipeline = inpainter.pipeline
+    assert pipeline.unet.config.in_channels == 9
+    scene, mask = _scene(32, 32, seed=5), _box_mask(32, 32, (8, 8, 24, 24))
+
+    def final_latents(callback):
+        extra = {}
+        if callback is not None:
+            extra = {
+                "callback_on_step_end": callback,
+                "callback_on_step_end_tensor_inputs": callback.tensor_inputs,
+            }
+        return pipeline(
+            prompt=["a circle"], image=[scene], mask_image=[mask], num_inference_steps=3,
+            guidance_scale=3.0, generator=[torch.Generator().manual_seed(7)],
+            output_type="latent", **extra,
+        ).images  # fmt: skip
+
+    blend = LatentBlend(pipeline, [scene], [7], mode)
+    latents = final_latents(blend)
+    scale = pipeline.vae_scale_factor
+    keep = torch.from_numpy(np.asarray(mask)[::scale, ::scale] == 0)
+    torch.testing.assert_close(latents[..., keep], blend.z0[..., keep], rtol=0, atol=0)
+    assert (latents[..., ~keep] - blend.z0[..., ~keep]).abs().mean() > 0.1
+    plain = final_latents(None)
+    assert (plain[..., keep] - blend.z0[..., keep]).abs().mean() > 0.1
+
+
+def test_noised_blend_uses_the_pipelines_own_starting_noise(inpainter):
+    from diffusers.utils.torch_utils import randn_tensor
+
+    from unspur.generate.latent_blend import LatentBlend
+
+    blend = LatentBlend(inpainter.pipeline, [_scene(32, 32)] * 2, [3, 4], "noised")
+    shape = (1, *blend.z0.shape[1:])
+    expected = torch.cat(
+        [randn_tensor(shape, generator=torch.Generator().manual_seed(s)) for s in (3, 4)]
+    )
+    torch.testing.assert_close(blend.noise, expected, rtol=0, atol=0)
+
+
+def test_the_wrapper_applies_the_latent_blend(inpainter):
+    """``GenerationSettings.latent_blend`` reaches the pipeline as the callback above:
+    the wrapper's image is the pipeline's own call with it, pixel for pixel."""
+    from unspur.generate.latent_blend import LatentBlend
+
+    scene, mask = _scene(32, 32, seed=6), _box_mask(32, 32, (10, 10, 22, 22))
+    settings = GenerationSettings(steps=3, guidance_scale=3.0, paste_back=False)
+    blended = replace(settings, latent_blend="clean")
+    out = inpainter.inpaint([scene], [mask], ["x"], [1], blended)[0]
+    callback = LatentBlend(inpainter.pipeline, [scene], [1], "clean")
+    direct = inpainter.pipeline(
+        prompt=["x"], image=[scene], mask_image=[mask], num_inference_steps=3,
+        guidance_scale=3.0, generator=[torch.Generator().manual_seed(1)],
+        callback_on_step_end=callback, callback_on_step_end_tensor_inputs=callback.tensor_inputs,
+    ).images[0]  # fmt: skip
+    np.testing.assert_array_equal(_array(out), _array(direct))
+    plain = inpainter.inpaint([scene], [mask], ["x"], [1], settings)[0]
+    assert np.abs(_array(plain) - _array(out)).max() > 10
+
+
+def test_unknown_latent_blend_lists_the_choices():
+    with pytest.raises(ConfigError, match="latent_blend must be one of none, clean, noised"):
+        GenerationSettings(latent_blend="paste")

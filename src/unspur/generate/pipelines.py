@@ -51,6 +51,7 @@ from PIL import Image
 
 from unspur.errors import ConfigError, DataError
 from unspur.generate.hub import resolve_device, resolve_dtype
+from unspur.generate.latent_blend import LATENT_BLENDS, LatentBlend
 from unspur.generate.maskers import dilate
 from unspur.models.hf_backbone import hub_offline
 
@@ -86,8 +87,11 @@ class GenerationSettings:
     ignore it). Inpainting only: ``strength`` (1.0 repaints from pure noise; lower keeps
     more of the original inside the mask and runs ``int(steps * strength)`` steps),
     ``mask_dilation`` (pixels, at the input's own resolution, square neighbourhood),
-    ``paste_back`` (original pixels outside the mask) and ``feather`` (pixels of
-    inward blending at the mask edge; 0 = binary paste).
+    ``paste_back`` (original pixels outside the mask), ``feather`` (pixels of
+    inward blending at the mask edge; 0 = binary paste) and ``latent_blend`` (the
+    original's latents outside the mask after every denoising step: ``"clean"`` = DBB's
+    Eq. 2, ``"noised"`` = noised to the step's level, ``"none"`` = the pipeline's own
+    behaviour; :mod:`unspur.generate.latent_blend`).
     """
 
     steps: int = 50
@@ -102,6 +106,7 @@ class GenerationSettings:
     paste_back: bool = True
     feather: int = 0
     eta: float = 0.0
+    latent_blend: str = "none"
 
     def __post_init__(self) -> None:
         if self.scheduler not in SCHEDULER_NAMES:
@@ -123,6 +128,10 @@ class GenerationSettings:
             raise ConfigError(f"eta must be >= 0, got {self.eta}")
         if not isinstance(self.negative_prompt, str):
             raise ConfigError("negative_prompt must be a string")
+        if self.latent_blend not in LATENT_BLENDS:
+            raise ConfigError(
+                f"latent_blend must be one of {', '.join(LATENT_BLENDS)}, got {self.latent_blend!r}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -293,15 +302,26 @@ class DiffusersGenerator:
         outputs: list[Image.Image] = []
         with self._scheduler(settings.scheduler):
             for chunk in _chunks(count, settings.batch_size):
+                resized = [_resize(originals[i], (width, height)) for i in chunk]
+                blend = {}
+                if settings.latent_blend != "none":
+                    callback = LatentBlend(
+                        self.pipeline, resized, [seeds[i] for i in chunk], settings.latent_blend
+                    )
+                    blend = {
+                        "callback_on_step_end": callback,
+                        "callback_on_step_end_tensor_inputs": callback.tensor_inputs,
+                    }
                 generated = self._call(
                     settings,
                     [prompts[i] for i in chunk],
                     [seeds[i] for i in chunk],
                     height=height,
                     width=width,
-                    image=[_resize(originals[i], (width, height)) for i in chunk],
+                    image=resized,
                     mask_image=[_mask_at(regions[i], (width, height)) for i in chunk],
                     strength=settings.strength,
+                    **blend,
                 )
                 for i, image in zip(chunk, generated):
                     image = _resize(image.convert("RGB"), originals[i].size)

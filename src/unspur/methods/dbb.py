@@ -43,10 +43,15 @@ The recipe, stage by stage (files under ``out_dir/dbb``):
 5. **Generation** (Eq. 2, Algorithm 1; ``store/``, a
    :class:`~unspur.generate.store.SyntheticStore`). Each selected image of class ``i`` is
    inpainted inside its mask with the prompt of the other class ``i'``,
-   ``prompt_template`` = "a photo of a {token} {name}" (Algorithm 1, line 2). The
-   candidate is the inpainting model's output as it is: Eq. 2 keeps the unmasked region
-   in latent space, so there is no pixel paste-back (``paste_back: true`` pastes the
-   original pixels outside the mask, an option). It is labelled ``i'`` and keeps the
+   ``prompt_template`` = "a photo of a {token} {name}" (Algorithm 1, line 2). Eq. 2
+   keeps the unmasked region in latent space: after every denoising step the latents
+   outside the mask are the original's ``z_0`` (``latent_blend: clean``,
+   :mod:`unspur.generate.latent_blend`). The official ``generate.py`` calls diffusers'
+   inpainting pipeline with SD-2-inpainting, a 9-channel UNet that diffusers does not
+   blend, leaving the background to the model (``latent_blend: none``, the code's
+   variant); ``latent_blend: noised`` blends ``z_0`` noised to each step's level
+   (diffusers' own rule for 4-channel UNets). There is no pixel paste-back
+   (``paste_back: true`` pastes the original pixels outside the mask, an option). It is labelled ``i'`` and keeps the
    parent's background (its attribute ``a`` is the parent's, recorded for evaluation
    only: no DBB step reads it). With more than two classes ``i'`` cycles over the other
    classes (``i + 1 + j mod (n - 1)`` for copy ``j``). Interrupted generation resumes;
@@ -163,6 +168,7 @@ from torch import nn
 
 from unspur.data.dataset import GroupDataset
 from unspur.errors import ConfigError, UnspurError
+from unspur.generate.latent_blend import LATENT_BLENDS
 from unspur.io import atomic_write_json, atomic_write_text
 from unspur.methods.base import Method, RunContext, Supervision, register_method
 from unspur.methods.mac import model_hash
@@ -205,8 +211,8 @@ AFTER_GENERATION = (
 #: runs that differ in these (and ``AFTER_GENERATION``) share their tokens only.
 AFTER_TOKENS = (
     "k", "copies", "mask_region", "mask_dilation", "prompt_template", "plain_template",
-    "steps", "guidance_scale", "strength", "paste_back", "generation_batch_size",
-    "psi_reference", "rho_threshold", "ig_target", "ig_steps", "ig_internal_batch_size",
+    "steps", "guidance_scale", "strength", "paste_back", "latent_blend",
+    "generation_batch_size", "psi_reference", "rho_threshold", "ig_target", "ig_steps", "ig_internal_batch_size",
     "ig_batch_size", "ig_output",
 )  # fmt: skip
 TOKENS_STAGE = "dbb-tokens"
@@ -609,6 +615,10 @@ def _check_options(options: dict[str, Any], n_classes: int) -> None:
             isinstance(value, bool) or not isinstance(value, int) or value < 1
         ):
             raise ConfigError(f"dbb option {key} must be a positive integer or null, got {value!r}")
+    if options["latent_blend"] not in LATENT_BLENDS:
+        raise ConfigError(
+            f"dbb option latent_blend={options['latent_blend']!r} is not {'|'.join(LATENT_BLENDS)}"
+        )
     if options["mask_region"] not in ("mask", "box"):
         raise ConfigError(f"dbb option mask_region={options['mask_region']!r} is not mask|box")
     value = options["mask_dilation"]
@@ -701,6 +711,7 @@ class DBB(Method):
         "guidance_scale": None,
         "strength": 1.0,
         "paste_back": False,
+        "latent_blend": "clean",  # Eq. 2 (docstring step 5); official generate.py: none
         "generation_batch_size": 8,
         "psi_reference": "class",
         "pruning": "both",
@@ -990,7 +1001,8 @@ class DBB(Method):
             strength=float(options["strength"]),
             batch_size=int(options["generation_batch_size"]),
             mask_dilation=0,  # masks are dilated before they are stored
-            paste_back=bool(options["paste_back"]),  # Eq. 2: none (the pipeline's output)
+            paste_back=bool(options["paste_back"]),  # Eq. 2 keeps latents, pastes no pixels
+            latent_blend=str(options["latent_blend"]),  # Eq. 2: z_0 outside the mask
         )
         token_digest = {
             str(c): _file_digest(directory / "tokens" / f"class{c}" / "learned_embeds.safetensors")
@@ -1037,6 +1049,7 @@ class DBB(Method):
                                     "mask_dilation": int(options["mask_dilation"]),
                                     "mask_region": options["mask_region"],
                                     "paste_back": bool(options["paste_back"]),
+                                    "latent_blend": options["latent_blend"],
                                 },
                             },
                         )  # fmt: skip
