@@ -161,3 +161,25 @@ def test_the_lock_is_exclusive_and_released() -> None:
                 assert first and not second
         with exclusive_lock(path) as third:
             assert third
+
+
+def test_a_changed_method_default_is_not_taken_for_a_finished_run(tmp_path, capsys, monkeypatch):
+    """The run fingerprint covers the config as written; a run made under another default
+    of its method is stale: compare does not skip it, and refuses to overwrite it."""
+    from unspur.methods.base import get_method
+
+    out = tmp_path / "cmp"
+    argv = ["compare", "--dataset", "synthetic", "--methods", "groupdro", "--seeds", "0",
+            *sets(DEBUG), "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("*/seed*/results.json")}
+    capsys.readouterr()
+    groupdro = get_method("groupdro")
+    monkeypatch.setattr(groupdro, "defaults", {**groupdro.defaults, "eta": 0.5})
+    assert main(argv) == 2
+    printed = capsys.readouterr()
+    text = printed.out + printed.err
+    assert "finished earlier" not in text and "running in" not in text
+    assert "made with other method defaults (eta: 0.01 -> 0.5)" in text
+    assert "Move or delete that folder" in text
+    assert {p: p.stat().st_mtime_ns for p in out.glob("*/seed*/results.json")} == stamps

@@ -171,11 +171,11 @@ def _config_path(args: argparse.Namespace) -> str | None:
 def cmd_run(args: argparse.Namespace) -> None:
     from unspur.config import load_config
     from unspur.pipeline import run
-    from unspur.stages import is_finished
+    from unspur.stages import changed_defaults, is_finished
 
     config = load_config(_config_path(args), args.set, data=data_settings(args))
     out = Path(args.out)
-    if is_finished(config, out) and not args.force:
+    if is_finished(config, out) and not args.force and not changed_defaults(config, out):
         print(f"{out}: finished earlier with this config; nothing to train (--force re-evaluates)")
     results = run(config, out, force=args.force)
     _print_results(results)

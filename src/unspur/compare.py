@@ -375,7 +375,7 @@ def compare(
     """
     from unspur.pipeline import run
     from unspur.report.html import write_compare_report, write_run_report
-    from unspur.stages import is_finished
+    from unspur.stages import changed_defaults, is_finished
 
     out_dir = Path(out_dir)
     runs = plan(base, methods, seeds, overrides or [], out_dir, variants, fingerprinted_dirs)
@@ -395,13 +395,15 @@ def compare(
                 log(f"{step}: running in another process ({run_dir}); left for that process")
                 elsewhere.append(run_dir)
                 continue
-            if is_finished(config, run_dir):
+            finished = is_finished(config, run_dir)
+            if finished and not changed_defaults(config, run_dir):
                 log(f"{step}: finished earlier, skipped ({run_dir})")
                 results = json.loads((run_dir / "results.json").read_text())
             else:
                 left = pace.seconds_left([n for n, *_ in runs[i - 1 :]])
                 eta = f"; about {format_duration(left)} left in all" if left is not None else ""
-                log(f"{step}: running in {run_dir}{eta}")
+                if not finished:  # else run() refuses the stale run and says why
+                    log(f"{step}: running in {run_dir}{eta}")
                 started, cpu = time.perf_counter(), time.process_time()
                 try:
                     results = run(config, run_dir)

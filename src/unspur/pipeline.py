@@ -43,6 +43,7 @@ from unspur.stages import (
     RUN_FILE,
     STAGE_FILE,
     StagedContext,
+    changed_defaults,
     is_finished,
     run_fingerprint,
     run_inputs,
@@ -297,6 +298,13 @@ def run(config: RunConfig, out_dir: str | Path, *, force: bool = False) -> dict[
     """
     out_dir = Path(out_dir)
     if not force and is_finished(config, out_dir):
+        changed = changed_defaults(config, out_dir)
+        if changed:
+            raise ConfigError(
+                f"{out_dir} holds a finished {config.method.name} run of this config made "
+                f"with other method defaults ({changed}): the code's defaults changed since "
+                "it ran. Move or delete that folder to rerun it (nothing is overwritten)"
+            )
         return json.loads((out_dir / "results.json").read_text())
     started = time.perf_counter()
     threads = apply_threads(config.train.threads)

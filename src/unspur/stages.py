@@ -145,6 +145,25 @@ def is_finished(config: RunConfig, out_dir: str | Path) -> bool:
     )
 
 
+def changed_defaults(config: RunConfig, out_dir: str | Path) -> str | None:
+    """For a finished run of ``config`` in ``out_dir``: the method options the code now
+    resolves differently from those the run used (a default changed, or an option was
+    added, since it ran), as ``"key: used -> now"``; None when they agree.
+
+    The run fingerprint covers the config as written, not the method's defaults, so a
+    changed default alone would otherwise let a stale run pass as finished.
+    """
+    from unspur.methods.base import get_method
+
+    results = _read_json(Path(out_dir) / "results.json")
+    used = results.get("method_options") if isinstance(results, dict) else None
+    if not isinstance(used, dict):
+        return None
+    now = get_method(config.method.name).resolve_options(config.method.options)
+    used, now = (_jsonable(_without_cosmetic_options(o)) for o in (used, now))
+    return None if used == now else _differences(used, now)
+
+
 def _dataset_signature(dataset: Any) -> dict[str, Any] | None:
     if dataset is None:
         return None
