@@ -138,7 +138,8 @@ variant is an option): IG of the original class (``ig_target: source``), ``Psi``
 the low-loss subset (``psi_reference: low_loss``, which is also Algorithm 2's), the first
 detected box's mask (``masker_options: {box_selection: first}``), a re-drawn classifier
 head before retraining (``init: reference_new_head``; PyTorch's default initialisation,
-the code's is Xavier). The code also ranks by a batch-mean loss (every sample of a batch
+the code's is Xavier), diffusers' inpainting call without Eq. 2's latent blend
+(``latent_blend: none``, step 5). The code also ranks by a batch-mean loss (every sample of a batch
 gets the same loss); we rank by per-sample loss, with no option for the code's way.
 
 Supervision: validation group labels for the token samples (``val_minority``) and for
