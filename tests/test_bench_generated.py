@@ -25,15 +25,24 @@ NAMES = {"data": {"group_counts": [
 ]}}  # fmt: skip
 
 
-def _store(run_dir, asked, kept=None):
-    """A store of 8 px images whose red channel encodes the index (for fake judges)."""
+def _store(run_dir, asked, kept=None, folder="usb", name="synthetic"):
+    """A store of 8 px images whose red channel encodes the index (for fake judges);
+    ``kept``: the store filter's verdict per image (default: all kept)."""
+    from unspur.generate.store import FilterResult
+
     requests = [GenerationRequest(f"k{i}", "p", i, y, a) for i, (y, a) in enumerate(asked)]
+
+    def verdict(batch, images):
+        del images
+        return [FilterResult("s", 0.0, kept is None or kept[int(r.key[1:])]) for r in batch]
+
     generate_into_store(
-        SyntheticStore(run_dir / "usb" / "synthetic"),
+        SyntheticStore(run_dir / folder / name),
         requests,
         lambda batch: [Image.new("RGB", (8, 8), (int(r.key[1:]), 0, 0)) for r in batch],
         generator_name="fake",
         weights_id="fake",
+        filters=[verdict],
     )
 
 
@@ -192,3 +201,20 @@ def test_a_robust_judge_trains_on_jittered_real_images(tmp_path):
     assert (folder / "model" / "model.json").is_file()
     with pytest.raises(ConfigError, match="view='sharp'"):
         check_asset_options("judge", {"view": "sharp"}, "assets.j.options")
+
+
+def test_a_methods_own_selection_decides_what_is_judged(tmp_path, monkeypatch):
+    """DBB's store keeps what passes the paper's two conditions; under another pruning
+    mode (``none``, ``psi``) its ``candidates.csv`` ``used`` column is what it trains on,
+    and what the judges see."""
+    asked = [(0, 1), (0, 1), (1, 0), (1, 0)]
+    _store(tmp_path, asked, kept=[True, False, True, False], folder="dbb", name="store")
+    judges = {"shape": (_Fixed([0, 0, 1, 1]), _to_tensor, {"target": "y"})}
+    monkeypatch.setattr(generated, "_judge", lambda folder: judges.get(folder))
+    results = {**NAMES, "bench_assets": {"shape": "shape"}}
+    assert measure(["judge_verdicts"], tmp_path, results)["judged images"] == 2  # kept
+    (tmp_path / "dbb" / "candidates.csv").write_text(
+        "key,psi,used\nk0,0.1,True\nk1,0.2,True\nk2,0.9,False\nk3,0.3,True\n"
+    )
+    assert [row["key"] for _, row in generated.generated_rows(tmp_path)] == ["k0", "k1", "k3"]
+    assert measure(["judge_verdicts"], tmp_path, results)["judged images"] == 3

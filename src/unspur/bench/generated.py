@@ -33,33 +33,44 @@ GRID_IMAGES, GRID_SCALE, GRID_PAD, LABEL_WIDTH = 12, 3, 2, 110
 SAMPLES_FILE = "samples.png"
 
 
+#: A method's own selection of its store's images, written beside the store: file name
+#: and the column that marks an image chosen (Clustered DreamBooth's CLIP filter; DBB's
+#: pruning in its chosen mode, whose ``used`` can differ from the store's ``kept``, the
+#: paper's two conditions, e.g. under ``pruning: none``).
+METHOD_SELECTIONS = (("filter.csv", "selected"), ("candidates.csv", "used"))
+
+
 def generated_rows(run_dir: Path) -> list[tuple[Path, dict[str, Any]]]:
-    """(store root, manifest row) of every image the run generated and kept (the store's
-    ``kept``, and a method's own filter when it records one beside the store: see
-    :func:`_selected`), stores in path order, rows in request order."""
+    """(store root, manifest row) of every image the run generated and trains on: the
+    store's ``kept``, unless the method records its own selection beside the store (see
+    :data:`METHOD_SELECTIONS`), which then decides; stores in path order, rows in request
+    order."""
     found = []
     for root, rows in run_store_rows(run_dir):
-        if any("kept" in r for r in rows):
-            rows = [r for r in rows if r.get("kept")]
-        chosen = _selected(root.parent / "filter.csv")
+        chosen = _selected(root.parent)
         if chosen is not None:
             rows = [r for r in rows if str(r["key"]) in chosen]
+        elif any("kept" in r for r in rows):
+            rows = [r for r in rows if r.get("kept")]
         found += [(root, r) for r in rows if (root / str(r.get("filename", ""))).is_file()]
     return found
 
 
-def _selected(path: Path) -> set[str] | None:
-    """The keys a method's own filter kept (Clustered DreamBooth's CLIP filter writes
-    ``filter.csv`` beside its store, with ``key`` and ``selected``), or None."""
-    if not path.is_file():
-        return None
+def _selected(folder: Path) -> set[str] | None:
+    """The keys a method's own selection beside its store chose (the first file of
+    :data:`METHOD_SELECTIONS` found with ``key`` and its column), or None."""
     import pandas as pd
 
-    frame = pd.read_csv(path)
-    if not {"key", "selected"} <= set(frame.columns):
-        return None
-    chosen = frame["selected"].astype(str).str.strip().str.lower().isin(("true", "1", "1.0"))
-    return set(frame.loc[chosen, "key"].astype(str))
+    for name, column in METHOD_SELECTIONS:
+        path = folder / name
+        if not path.is_file():
+            continue
+        frame = pd.read_csv(path)
+        if not {"key", column} <= set(frame.columns):
+            continue
+        chosen = frame[column].astype(str).str.strip().str.lower().isin(("true", "1", "1.0"))
+        return set(frame.loc[chosen, "key"].astype(str))
+    return None
 
 
 def sample_grid(rows: list[tuple[Path, dict[str, Any]]], names: dict, path: Path) -> None:
