@@ -20,7 +20,7 @@ import numpy as np
 from unspur.config import RunConfig
 from unspur.errors import ConfigError
 from unspur.io import atomic_write_json
-from unspur.methods.base import RunContext
+from unspur.methods.base import RunContext, get_method
 
 #: Config keys that change how a run looks or how fast it goes, never its results.
 COSMETIC_KEYS = (
@@ -153,8 +153,6 @@ def changed_defaults(config: RunConfig, out_dir: str | Path) -> str | None:
     The run fingerprint covers the config as written, not the method's defaults, so a
     changed default alone would otherwise let a stale run pass as finished.
     """
-    from unspur.methods.base import get_method
-
     results = _read_json(Path(out_dir) / "results.json")
     used = results.get("method_options") if isinstance(results, dict) else None
     if not isinstance(used, dict):
