@@ -138,10 +138,12 @@ def test_a_generating_suite_judges_and_publishes_its_images(tmp_path, capsys):
     path = tmp_path / "gen.yaml"
     path.write_text(yaml.safe_dump(suite, sort_keys=False))
     out, work = tmp_path / "out", tmp_path / "work"
-    assert main(["bench", str(path), "--out", str(out), "--work", str(work)]) == 0, (
-        capsys.readouterr().err
-    )
+    argv = ["bench", str(path), "--out", str(out), "--work", str(work), "--threads", "1"]
+    assert main(argv) == 0, capsys.readouterr().err
     rows = {r["method"]: r for r in csv.DictReader((out / "tiny.csv").open())}
+    (record,) = [json.loads(p.read_text()) for p in (work / "assets").glob("*/asset.json")]
+    assert record["cost"]["threads"] == 1  # assets train with the bench's --threads
+    assert "1 thread(s) (built" in (out / "tiny.md").read_text()
     assert rows["usb"]["samples"] == "[samples](tiny_usb_seed0_samples.png)"
     assert rows["erm"]["samples"] == "-" and float(rows["usb"]["judged images"]) > 0
     assert 0 <= float(rows["usb"]["class as asked (judge)"]) <= 100

@@ -102,6 +102,19 @@ def asset_folder(name: str, overrides: list[str], seed: int, options: dict, work
     return work / "assets" / f"{name}-{key[:12]}"
 
 
+def build_cost(clock, elapsed: dict[str, float] | None = None) -> dict[str, Any]:
+    """An asset's cost record: wall and CPU seconds (``elapsed``, else the clock's now),
+    the torch threads it was built with (its arithmetic depends on them: the bench's
+    ``--threads``) and when."""
+    import torch
+
+    return {
+        **(elapsed or clock.elapsed()),
+        "threads": torch.get_num_threads(),
+        "built": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
+
+
 def finished_asset(folder: Path, product: str) -> dict[str, Any] | None:
     """The record of an asset already built in ``folder`` (its record and its product,
     e.g. ``ddpm/model_index.json``, both present), or None: build it."""
@@ -160,7 +173,7 @@ def build_domain_model(
             "inpainting": domain.inpaint_steps,
         },
         "options": options,
-        "cost": {**clock.elapsed(), "built": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())},
+        "cost": build_cost(clock),
     }
     atomic_write_json(stored, record)
     return folder, record
@@ -446,7 +459,7 @@ def build_ddpm(
         },
         "final_loss": (trained.result.losses or [{}])[-1],
         "h_share": shares,
-        "cost": {**cost, "built": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())},
+        "cost": build_cost(clock, cost),
     }
     atomic_write_json(stored, record)
     return folder, record
@@ -546,7 +559,7 @@ def build_judge(
         "steps": {"epochs": config.train.epochs},
         "options": options,
         "val_accuracy": float(val.to_dict()["accuracy"]),
-        "cost": {**clock.elapsed(), "built": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())},
+        "cost": build_cost(clock),
     }
     atomic_write_json(stored, record)
     return folder, record

@@ -293,8 +293,9 @@ def asset_lines(
             f"{relation(asset.data, base)}. Labels seen: "
             f"{r['labels']} (captions `{r['captions']}`); seed {r['seed']}; steps "
             + ", ".join(f"{k} {v}" for k, v in r["steps"].items())
-            + f"; cost {cost['wall_seconds']} s wall, {cost['cpu_seconds']} s CPU "
-            f"(built {cost['built']})."
+            + f"; cost {cost['wall_seconds']} s wall, {cost['cpu_seconds']} s CPU"
+            + (f", {cost['threads']} thread(s)" if "threads" in cost else "")
+            + f" (built {cost['built']})."
         )
     return lines
 
@@ -458,6 +459,10 @@ def run_suite(
     if threads is not None:
         extra += ["--threads", str(threads)]
     written, everything, records = [], {}, {}
+    if threads is not None:  # assets train too: the same threads as the runs
+        from unspur.train.loop import apply_threads
+
+        apply_threads(threads)
     for asset in built:
         spec = suite.assets[asset]
         folder, records[asset] = build_asset(asset, spec, work, log, folders)
