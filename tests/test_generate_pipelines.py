@@ -295,12 +295,7 @@ def test_latent_blend_keeps_the_original_latents_outside_the_mask(inpainter, mod
     scene, mask = _scene(32, 32, seed=5), _box_mask(32, 32, (8, 8, 24, 24))
 
     def final_latents(callback):
-        extra = {}
-        if callback is not None:
-            extra = {
-                "callback_on_step_end": callback,
-                "callback_on_step_end_tensor_inputs": callback.tensor_inputs,
-            }
+        extra = callback.call_kwargs() if callback is not None else {}
         return pipeline(
             prompt=["a circle"], image=[scene], mask_image=[mask], num_inference_steps=3,
             guidance_scale=3.0, generator=[torch.Generator().manual_seed(7)],
@@ -343,7 +338,7 @@ def test_the_wrapper_applies_the_latent_blend(inpainter):
     direct = inpainter.pipeline(
         prompt=["x"], image=[scene], mask_image=[mask], num_inference_steps=3,
         guidance_scale=3.0, generator=[torch.Generator().manual_seed(1)],
-        callback_on_step_end=callback, callback_on_step_end_tensor_inputs=callback.tensor_inputs,
+        **callback.call_kwargs(),
     ).images[0]  # fmt: skip
     np.testing.assert_array_equal(_array(out), _array(direct))
     plain = inpainter.inpaint([scene], [mask], ["x"], [1], settings)[0]

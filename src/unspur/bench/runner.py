@@ -40,6 +40,7 @@ from unspur.compare import COLUMN, DIFF_COLUMN, TABLE_METRICS, compare, markdown
 from unspur.config import RunConfig, apply_overrides
 from unspur.errors import ConfigError, UnspurError
 from unspur.io import atomic_write_json, atomic_write_text
+from unspur.train.loop import apply_threads
 
 SUPERVISION = "supervision (pipeline)"
 #: Seeds a table should have where the CPU allows it (issue 19); fewer are explained.
@@ -458,11 +459,8 @@ def run_suite(
         extra += ["--only", ",".join(only)]
     if threads is not None:
         extra += ["--threads", str(threads)]
+        apply_threads(threads)  # assets train too: the same threads as the runs
     written, everything, records = [], {}, {}
-    if threads is not None:  # assets train too: the same threads as the runs
-        from unspur.train.loop import apply_threads
-
-        apply_threads(threads)
     for asset in built:
         spec = suite.assets[asset]
         folder, records[asset] = build_asset(asset, spec, work, log, folders)

@@ -60,6 +60,13 @@ class LatentBlend:
             [_starting_noise(shape, int(seed), self.z0.dtype) for seed in seeds]
         ).to(self.z0.device)
 
+    def call_kwargs(self) -> dict[str, Any]:
+        """The pipeline call's arguments that install this callback."""
+        return {
+            "callback_on_step_end": self,
+            "callback_on_step_end_tensor_inputs": self.tensor_inputs,
+        }
+
     def __call__(self, pipeline: Any, step: int, timestep: Any, tensors: dict) -> dict:
         latents = tensors["latents"]
         mask = tensors["mask"][-len(latents) :]  # doubled for classifier-free guidance

@@ -305,13 +305,10 @@ class DiffusersGenerator:
                 resized = [_resize(originals[i], (width, height)) for i in chunk]
                 blend = {}
                 if settings.latent_blend != "none":
-                    callback = LatentBlend(
-                        self.pipeline, resized, [seeds[i] for i in chunk], settings.latent_blend
-                    )
-                    blend = {
-                        "callback_on_step_end": callback,
-                        "callback_on_step_end_tensor_inputs": callback.tensor_inputs,
-                    }
+                    chunk_seeds = [seeds[i] for i in chunk]
+                    blend = LatentBlend(
+                        self.pipeline, resized, chunk_seeds, settings.latent_blend
+                    ).call_kwargs()
                 generated = self._call(
                     settings,
                     [prompts[i] for i in chunk],
