@@ -268,6 +268,39 @@ def test_pipeline_supervision_counts_what_the_assets_saw(tmp_path):
     assert pipeline_symbol("✓✓", 1) == "✓✓"
 
 
+def test_a_setting_generator_marks_only_the_methods_that_receive_it(tmp_path):
+    """A setting's unprefixed ``method.options`` reach only the method its config names
+    (compare's rule), a ``LABEL:`` override only that variant: ERM beside DBB with a
+    group-captioned generator stays at its own supervision."""
+    (tmp_path / "bench" / "suites").mkdir(parents=True)
+    (tmp_path / "dbb.yaml").write_text("method:\n  name: dbb\n")
+    path = write_suite(
+        tmp_path / "bench" / "suites" / "s.yaml",
+        {"erm": None, "dbb": None, "jtt": None, "asb": None},
+        assets={
+            "gen": {"path": "gen", "labels": "train_groups", "what": "captions"},
+            "gen2": {"path": "gen2", "labels": "train_groups", "what": "captions"},
+        },
+        settings={
+            "s": {
+                "config": "dbb.yaml",
+                "set": [
+                    "method.options.generator={asset:gen}",
+                    "asb:method.options.generator={asset:gen2}",
+                    "data.options.bias=0.9",
+                ],
+            }
+        },
+    )
+    suite = load_suite(path)
+    assert suite.base_method("s") == "dbb"
+    assert suite.assets_of("s", "dbb") == ["gen"]
+    assert suite.assets_of("s", "asb") == ["gen2"]
+    assert suite.assets_of("s", "erm") == [] and suite.asset_supervision("s", "jtt") == 0
+    assert suite.asset_supervision("s", "dbb") == 2 and suite.asset_supervision("s") == 2
+    assert sorted(suite.assets_of("s")) == ["gen", "gen2"]
+
+
 def test_a_generator_asset_is_built_once_recorded_and_invalidates_its_runs(tmp_path, capsys):
     """A suite-built domain model: its provenance (data, split, images, labels seen, seed,
     steps, cost) in the table, reused on a rerun, and a changed asset reruns the runs that

@@ -32,6 +32,7 @@ from unspur.bench.suite import (
     ASSET_REF,
     SHARED_REF,
     Suite,
+    label_of,
     load_suite,
     oracle_mark,
     pipeline_symbol,
@@ -53,11 +54,6 @@ def default_out(suite_path: Path, name: str) -> Path:
     if suite_path.parent.name == "suites":
         return suite_path.parent.parent / "results" / name
     return Path("bench-results") / name
-
-
-def _label_of(override: str) -> str | None:
-    head, sep, _ = override.partition(":")
-    return head if sep and "=" not in head and "." not in head else None
 
 
 def substitute(
@@ -90,7 +86,7 @@ def setting_base(
     setting = suite.settings[name]
     overrides = [*suite.overrides, *setting.overrides, "train.progress=false"]
     overrides = substitute(overrides, folders or {}, shared)
-    per_label = [o for o in overrides if _label_of(o) in suite.variants]
+    per_label = [o for o in overrides if label_of(o) in suite.variants]
     overrides = [o for o in overrides if o not in per_label]
     if threads is not None:
         overrides.append(f"train.threads={threads}")

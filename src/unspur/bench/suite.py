@@ -135,12 +135,42 @@ class Suite:
         """The ``variants`` argument of :func:`unspur.compare.plan`."""
         return {v.label: (v.method, list(v.overrides)) for v in self.variants.values()}
 
+    def base_method(self, setting: str) -> str:
+        """The method a setting's config (and the suite's and setting's overrides) names,
+        ``erm`` without one: the one method that receives the setting's ``method.options``
+        (:func:`unspur.compare.plan` resets them for every other method)."""
+        chosen = self.settings[setting]
+        name = "erm"
+        if chosen.config is not None:
+            from unspur.config import read_yaml_mapping
+
+            name = (read_yaml_mapping(self.root / chosen.config).get("method") or {}).get(
+                "name", name
+            )
+        for override in [*self.overrides, *chosen.overrides]:
+            key, _, value = override.partition("=")
+            if label_of(override) is None and key.strip() == "method.name":
+                name = value.strip()
+        return name
+
     def assets_of(self, setting: str, label: str | None = None) -> list[str]:
-        """The assets a setting (and the variant ``label`` in it) reads."""
+        """The assets a setting (and the variant ``label`` in it) reads. For a variant,
+        the overrides it receives as :func:`unspur.compare.plan` hands them out: the
+        unprefixed ones (``method.options`` only if its method is the setting's base
+        method), its own ``LABEL:`` ones and its variant overrides; without ``label``,
+        every asset any variant of the setting may read."""
         chosen = self.settings[setting]
         overrides = [*self.overrides, *chosen.overrides]
         if label is not None:
-            overrides += self.variants[label].overrides
+            variant = self.variants[label]
+            same_method = variant.method == self.base_method(setting)
+            overrides = [
+                o.partition(":")[2] if label_of(o) else o
+                for o in overrides
+                if label_of(o) == label
+                or (label_of(o) is None and (same_method or not o.startswith("method.options")))
+            ]
+            overrides += variant.overrides
         names = [chosen.root, *chosen.uses, *referenced(overrides)]
         return list(dict.fromkeys(n for n in names if n))
 
@@ -148,6 +178,12 @@ class Suite:
         """The highest label level any asset of ``setting`` (and ``label``) saw (0, 1, 2)."""
         names = self.assets_of(setting, label)
         return max((ASSET_LABELS[self.assets[n].labels] for n in names), default=0)
+
+
+def label_of(override: str) -> str | None:
+    """The variant a ``LABEL:key=value`` override is for; None for ``key=value``."""
+    head, sep, _ = override.partition(":")
+    return head if sep and "=" not in head and "." not in head else None
 
 
 def referenced(overrides: list[str]) -> list[str]:
