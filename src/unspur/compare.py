@@ -62,13 +62,27 @@ def parse_seeds(text: str) -> list[int]:
     return seeds
 
 
+def label_of(override: str) -> str | None:
+    """The method (or variant) a ``METHOD:key=value`` override is for; None for
+    ``key=value``."""
+    head, sep, _ = override.partition(":")
+    return head if sep and "=" not in head and "." not in head else None
+
+
+def receives_base_options(method: str, base_method: str) -> bool:
+    """Whether ``method`` keeps the base config's ``method.options``: only the method that
+    config names does (:func:`plan` resets them for every other one)."""
+    return method == base_method
+
+
 def split_overrides(overrides: list[str], methods: list[str]) -> tuple[list[str], dict]:
     """``key=value`` for every method; ``METHOD:key=value`` for one."""
     common: list[str] = []
     per_method: dict[str, list[str]] = {}
     for text in overrides:
-        head, sep, rest = text.partition(":")
-        if sep and "=" not in head and "." not in head:
+        head = label_of(text)
+        rest = text.partition(":")[2]
+        if head is not None:
             if head not in methods:
                 raise ConfigError(
                     f"--set {text!r} names method {head!r}, which is not compared "
@@ -137,7 +151,7 @@ def plan(
         v = copy.deepcopy(values)
         section = v.setdefault("method", {}) or {}
         v["method"] = section
-        if name != base_method:
+        if not receives_base_options(name, base_method):
             section["options"] = {}
         section["name"] = name
         v["seed"] = seed

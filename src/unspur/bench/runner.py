@@ -32,12 +32,19 @@ from unspur.bench.suite import (
     ASSET_REF,
     SHARED_REF,
     Suite,
-    label_of,
     load_suite,
     oracle_mark,
     pipeline_symbol,
 )
-from unspur.compare import COLUMN, DIFF_COLUMN, TABLE_METRICS, compare, markdown_table, plan
+from unspur.compare import (
+    COLUMN,
+    DIFF_COLUMN,
+    TABLE_METRICS,
+    compare,
+    label_of,
+    markdown_table,
+    plan,
+)
 from unspur.config import RunConfig, apply_overrides
 from unspur.errors import ConfigError, UnspurError
 from unspur.io import atomic_write_json, atomic_write_text

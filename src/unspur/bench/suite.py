@@ -35,6 +35,7 @@ from typing import Any
 import yaml
 
 from unspur.bench.assets import ASSET_REF
+from unspur.compare import label_of, receives_base_options
 from unspur.config import load_yaml
 from unspur.errors import ConfigError, did_you_mean
 
@@ -163,7 +164,7 @@ class Suite:
         overrides = [*self.overrides, *chosen.overrides]
         if label is not None:
             variant = self.variants[label]
-            same_method = variant.method == self.base_method(setting)
+            same_method = receives_base_options(variant.method, self.base_method(setting))
             overrides = [
                 o.partition(":")[2] if label_of(o) else o
                 for o in overrides
@@ -178,12 +179,6 @@ class Suite:
         """The highest label level any asset of ``setting`` (and ``label``) saw (0, 1, 2)."""
         names = self.assets_of(setting, label)
         return max((ASSET_LABELS[self.assets[n].labels] for n in names), default=0)
-
-
-def label_of(override: str) -> str | None:
-    """The variant a ``LABEL:key=value`` override is for; None for ``key=value``."""
-    head, sep, _ = override.partition(":")
-    return head if sep and "=" not in head and "." not in head else None
 
 
 def referenced(overrides: list[str]) -> list[str]:
