@@ -109,8 +109,8 @@ Choices where the paper is silent (all options):
   These values assume a U-Net whose decoder reads h, as the large pretrained ADMs do;
   the small DDPM (one res block per level, attention only at the lowest level and in
   the middle block) trained on the biased split routes the content around h through
-  the skip connections (``h_share`` 0.03-0.25: ``bench/results/diffinject.md``,
-  ``diffinject_10k.md``, ``ddpm_hshare.md``). ``ddpm_no_skip_below`` = n cuts the skip
+  the skip connections (``h_share`` 0.08 after 1500 steps: ``bench/results/ddpm_hshare.md``;
+  0.03-0.25 in the deleted legacy CPU tables). ``ddpm_no_skip_below`` = n cuts the skip
   connections of the n lowest decoder levels (:func:`~unspur.generate.ddpm.remove_skips`;
   our choice): with only the full-resolution skips left (n = 2 for the default 3-level
   channels, 3 for 4 levels) h_share at t = 500 rose to 0.48 (median) after 5000 steps
