@@ -233,7 +233,14 @@ def test_ddpm_h_share_reads_the_assets_record(tmp_path):
 def test_the_diffinject_suite_parses_with_the_papers_table_1():
     suite = load_suite(REPO / "bench/suites/diffinject.yaml")
     assert suite.seeds == [0, 1, 2] and list(suite.variants) == ["erm", "lff", "diffinject"]
-    assert set(suite.settings) == {"colored_mnist-1%", "corrupted_cifar10-1%"}
+    assert set(suite.settings) == {
+        "colored_mnist-1%", "colored_mnist-1%/50steps", "corrupted_cifar10-1%"}  # fmt: skip
+    # the CPU-scale setting differs from the faithful one only in its two step grids
+    faithful, cpu = suite.settings["colored_mnist-1%"], suite.settings["colored_mnist-1%/50steps"]
+    assert (cpu.config, cpu.root, cpu.uses) == (faithful.config, faithful.root, faithful.uses)
+    assert set(cpu.overrides) - set(faithful.overrides) == {
+        "diffinject:method.options.inv_steps=50", "diffinject:method.options.gen_steps=50"}  # fmt: skip
+    assert set(faithful.overrides) <= set(cpu.overrides)
     assert {"diffinject_judged", "diffinject_content", "ddpm_h_share", "test_accuracy",
             "diffinject_samples"} <= set(suite.measurements)  # fmt: skip
     cm, cc = suite.assets["cmnist_ddpm"], suite.assets["ccifar_ddpm"]
