@@ -241,6 +241,8 @@ def test_the_diffinject_suite_parses_with_the_papers_table_1():
     assert set(cpu.overrides) - set(faithful.overrides) == {
         "diffinject:method.options.inv_steps=50", "diffinject:method.options.gen_steps=50"}  # fmt: skip
     assert set(faithful.overrides) <= set(cpu.overrides)
+    # and its table says so (the description's "faithful defaults" is about the method)
+    assert "our choice" in cpu.note and "1000" in cpu.note and not faithful.note
     assert {"diffinject_judged", "diffinject_content", "ddpm_h_share", "test_accuracy",
             "diffinject_samples"} <= set(suite.measurements)  # fmt: skip
     cm, cc = suite.assets["cmnist_ddpm"], suite.assets["ccifar_ddpm"]
