@@ -234,7 +234,8 @@ def test_the_diffinject_suite_parses_with_the_papers_table_1():
     suite = load_suite(REPO / "bench/suites/diffinject.yaml")
     assert suite.seeds == [0, 1, 2] and list(suite.variants) == ["erm", "lff", "diffinject"]
     assert set(suite.settings) == {
-        "colored_mnist-1%", "colored_mnist-1%/50steps", "corrupted_cifar10-1%"}  # fmt: skip
+        "colored_mnist-1%", "colored_mnist-1%/50steps", "colored_mnist-1%/50steps/allskips",
+        "corrupted_cifar10-1%"}  # fmt: skip
     # the CPU-scale setting differs from the faithful one only in its two step grids
     faithful, cpu = suite.settings["colored_mnist-1%"], suite.settings["colored_mnist-1%/50steps"]
     assert (cpu.config, cpu.root, cpu.uses) == (faithful.config, faithful.root, faithful.uses)
@@ -245,6 +246,14 @@ def test_the_diffinject_suite_parses_with_the_papers_table_1():
     assert "our choice" in cpu.note and "1000" in cpu.note and not faithful.note
     assert {"diffinject_judged", "diffinject_content", "ddpm_h_share", "test_accuracy",
             "diffinject_samples"} <= set(suite.measurements)  # fmt: skip
+    # the ablation: the CPU-scale setting with a DDPM that differs only in keeping every skip
+    ablation = suite.settings["colored_mnist-1%/50steps/allskips"]
+    assert [o.replace("cmnist_ddpm_allskips", "cmnist_ddpm") for o in ablation.overrides] == (
+        cpu.overrides) and (ablation.config, ablation.root, ablation.uses) == (
+        cpu.config, cpu.root, cpu.uses) and "Ablation" in ablation.note  # fmt: skip
+    full, cut = suite.assets["cmnist_ddpm_allskips"], suite.assets["cmnist_ddpm"]
+    assert full.data == cut.data and cut.options["no_skip_below"] == 3
+    assert full.options == {**cut.options, "no_skip_below": 0}
     cm, cc = suite.assets["cmnist_ddpm"], suite.assets["ccifar_ddpm"]
     assert cm.build == cc.build == "ddpm" and cc.options["images"] == "clean_cifar10"
     # the DDPM never sees the biased split: unbiased recolouring, another colouring seed
@@ -273,7 +282,7 @@ def test_the_suite_runs_end_to_end_on_fixture_data(tmp_path, capsys):
           {"biased_epochs": 1, "top_k": 2, "synthetic_ratio": 0.05, "inv_steps": 4,
            "gen_steps": 4, "replace_steps": 4}.items()]  # fmt: skip
     suite["set"] = ["train.epochs=1", "train.progress=false"]
-    suite["settings"].pop("corrupted_cifar10-1%")
+    suite["settings"] = {"colored_mnist-1%": suite["settings"]["colored_mnist-1%"]}
     (tmp_path / "configs").mkdir()  # a suite's configs are read from its repository
     config = "configs/colored_mnist_diffinject.yaml"
     (tmp_path / config).write_text((REPO / config).read_text())
