@@ -324,7 +324,7 @@ def test_a_generator_asset_is_built_once_recorded_and_invalidates_its_runs(tmp_p
     assert "## Assets" in md and "domain_model built by this suite" in md
     assert "its train split: 160 images" in md and "Labels seen: train_groups" in md
     assert "data.options.seed: None -> 5" in md  # another draw than the benchmark's
-    folders = list((work / "assets").iterdir())
+    folders = [f for f in (work / "assets").iterdir() if f.is_dir()]
     assert len(folders) == 1 and (folders[0] / "asset.json").is_file()
     record = json.loads((out / "provenance.json").read_text())["assets"]["gen"]
     assert record["data"]["images"] == 160 and record["steps"]["unet"] == tiny["unet_steps"]
@@ -339,9 +339,48 @@ def test_a_generator_asset_is_built_once_recorded_and_invalidates_its_runs(tmp_p
     assets["gen"]["options"] = {**tiny, "unet_steps": tiny["unet_steps"] + 1}
     write_suite(path, methods, seeds=[0], assets=assets)
     assert main(argv) == 0
-    assert len(list((work / "assets").iterdir())) == 2
+    assert len([f for f in (work / "assets").iterdir() if f.is_dir()]) == 2
     changed = sorted({k.split("/")[0] for k in set(_stamps(work / "tiny")) - set(first)})
     assert changed == ["usb_gen"]
+
+
+def test_a_second_process_waits_for_an_asset_being_built_and_does_not_build_it_again(
+    tmp_path, monkeypatch
+):
+    """Two ``unspur bench`` processes needing one unbuilt asset: the one that finds the
+    asset's lock held waits, then takes the built asset instead of training it twice."""
+    import threading
+
+    from unspur.bench import assets
+    from unspur.bench.suite import Asset
+    from unspur.io import exclusive_lock
+
+    built: list[str] = []
+
+    def fake_build(name, overrides, seed, options, work, log, resolved=None):
+        folder = assets.asset_folder(name, overrides, seed, options, work)
+        if (folder / "asset.json").is_file():  # as the real builders: finished is reused
+            return folder, {"reused": True}
+        built.append(name)
+        folder.mkdir(parents=True)
+        (folder / "asset.json").write_text("{}")
+        return folder, {"reused": False}
+
+    monkeypatch.setattr(assets, "build_ddpm", fake_build)
+    spec = Asset("g", None, build="ddpm", data=["data.name=synthetic"], options={"steps": 1})
+    work, logged, result = tmp_path / "work", [], {}
+    folder = assets.asset_folder("g", spec.data, spec.seed, spec.options, work)
+    with exclusive_lock(folder.parent / f".{folder.name}.lock") as held:  # "the other process"
+        assert held
+        waiter = threading.Thread(
+            target=lambda: result.update(r=assets.build_asset("g", spec, work, logged.append, {}))
+        )
+        waiter.start()
+        waiter.join(timeout=2)
+        assert waiter.is_alive() and any("waiting for it" in m for m in logged)
+        fake_build("g", spec.data, spec.seed, spec.options, work, print)  # it finishes
+    waiter.join(timeout=30)
+    assert not waiter.is_alive() and built == ["g"] and result["r"] == (folder, {"reused": True})
 
 
 def test_a_setting_can_override_one_method(tmp_path):

@@ -84,9 +84,10 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def exclusive_lock(path: str | Path) -> Iterator[bool]:
-    """Hold an exclusive, non-blocking lock on ``path`` (created if absent) for the
-    ``with`` block; yields False, holding nothing, when another process holds it.
+def exclusive_lock(path: str | Path, wait: bool = False) -> Iterator[bool]:
+    """Hold an exclusive lock on ``path`` (created if absent) for the ``with`` block;
+    yields False, holding nothing, when another process holds it, or with ``wait``
+    blocks until that process lets go and then yields True.
 
     The lock is the operating system's (``flock``), so it is released when its process
     ends, however it ends: a killed run leaves no stale lock. Two ``unspur bench`` (or
@@ -103,7 +104,7 @@ def exclusive_lock(path: str | Path) -> Iterator[bool]:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+") as handle:
         try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:
             yield False
             return

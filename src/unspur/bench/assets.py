@@ -51,7 +51,7 @@ from typing import Any
 
 from unspur.bench.provenance import Clock
 from unspur.errors import ConfigError, did_you_mean
-from unspur.io import atomic_write_json
+from unspur.io import atomic_write_json, exclusive_lock
 
 BUILDERS = ("domain_model", "ddpm", "judge")
 #: ``{asset:NAME}`` in an override: the folder of asset NAME (built by the runner).
@@ -260,7 +260,21 @@ def build_asset(name: str, spec: Any, work: Path, log, folders: dict[str, Path])
     returns its folder and provenance record."""
     resolved = resolve_refs(spec.data, folders, f"assets.{name}.data")
     builder = {"domain_model": build_domain_model, "ddpm": build_ddpm, "judge": build_judge}
-    return builder[spec.build](name, spec.data, spec.seed, spec.options, work, log, resolved)
+
+    def build():
+        return builder[spec.build](name, spec.data, spec.seed, spec.options, work, log, resolved)
+
+    # Two ``unspur bench`` processes on one work folder (e.g. ``--only`` one setting
+    # each) may need the same unbuilt asset: the first builds it under the lock, the
+    # other waits and then finds it built (the builders return a finished asset as is).
+    folder = asset_folder(name, spec.data, spec.seed, spec.options, work)
+    lock = folder.parent / f".{folder.name}.lock"
+    with exclusive_lock(lock) as mine:
+        if mine:
+            return build()
+    log(f"asset {name}: another process is building it in {folder}; waiting for it")
+    with exclusive_lock(lock, wait=True):
+        return build()
 
 
 def _data_record(overrides: list[str], table, split: str, images: int | None = None) -> dict:
