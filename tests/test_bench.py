@@ -489,3 +489,28 @@ def test_only_invocations_keep_each_settings_provenance(tmp_path, capsys):
         assert "--only tiny " in written["settings"]["tiny"]["command"]
         assert "--only other " in written["settings"]["other"]["command"]
         assert "--only other " in written["command"]
+
+
+def test_the_suites_own_results_do_not_count_as_a_changed_checkout(tmp_path):
+    """An earlier ``--only`` invocation rewrote the suite's tracked provenance.json: the
+    next one's tables still say "clean checkout"; a changed source file still counts."""
+    import subprocess
+
+    from unspur.bench.provenance import git_state
+
+    def git(*args):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    (tmp_path / "results" / "suite").mkdir(parents=True)
+    (tmp_path / "results" / "suite" / "provenance.json").write_text("{}")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    git("init", "-q")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "x")
+    outputs = tmp_path / "results" / "suite"
+    assert git_state(tmp_path, outputs)["changed_files"] == 0
+    (outputs / "provenance.json").write_text('{"a": 1}')
+    assert git_state(tmp_path, outputs)["changed_files"] == 0
+    assert git_state(tmp_path)["changed_files"] == 1
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert git_state(tmp_path, outputs)["changed_files"] == 1

@@ -45,23 +45,31 @@ def repo_root(start: Path) -> Path | None:
     return Path(out.stdout.strip()) if out.returncode == 0 and out.stdout.strip() else None
 
 
-def git_state(root: Path | None) -> dict[str, Any]:
-    """HEAD's commit and how many tracked files differ from it (0: a clean checkout)."""
+def git_state(root: Path | None, outputs: Path | None = None) -> dict[str, Any]:
+    """HEAD's commit and how many tracked files differ from it (0: a clean checkout).
+
+    Files under ``outputs`` (the suite's results folder) are not counted: the bench
+    writes them itself, so an earlier ``--only`` invocation's tables are not a change to
+    the code that made this one.
+    """
     if root is None:
         return {"commit": "unknown (not a git checkout)", "changed_files": None}
 
     def git(*args: str) -> str:
         return subprocess.run(
             ["git", *args], cwd=root, capture_output=True, text=True, timeout=60
-        ).stdout.strip()
+        ).stdout
 
     try:
-        commit = git("rev-parse", "HEAD") or "unknown"
-        changed = [
-            line for line in git("status", "--porcelain", "--untracked-files=no").splitlines()
-        ]
+        commit = git("rev-parse", "HEAD").strip() or "unknown"
+        # One path per changed tracked file, relative to the root (``-z``: no quoting).
+        changed = git("diff", "HEAD", "--name-only", "-z").split("\0")
     except (OSError, subprocess.SubprocessError):
         return {"commit": "unknown", "changed_files": None}
+    changed = [path for path in changed if path]
+    if outputs is not None and outputs.resolve().is_relative_to(root.resolve()):
+        folder = outputs.resolve().relative_to(root.resolve()).as_posix() + "/"
+        changed = [path for path in changed if not path.startswith(folder)]
     return {"commit": commit, "changed_files": len(changed)}
 
 
@@ -112,9 +120,14 @@ class Clock:
 
 
 def provenance(
-    suite: Path, extra_args: list[str], clock: Clock, runs: list[dict[str, Any]]
+    suite: Path,
+    extra_args: list[str],
+    clock: Clock,
+    runs: list[dict[str, Any]],
+    outputs: Path | None = None,
 ) -> dict[str, Any]:
-    """The record every results file of a suite carries.
+    """The record every results file of a suite carries (``outputs``: its results
+    folder, whose own files do not count as a changed checkout).
 
     ``runs``: the table's runs, each with ``wall_seconds``, ``cpu_seconds`` (None when
     unknown), ``threads`` and ``skipped`` (found finished, not trained by this call).
@@ -128,7 +141,7 @@ def provenance(
     cpu = [r["cpu_seconds"] for r in runs if r["cpu_seconds"] is not None]
     return {
         "command": relative_command(suite, root, extra_args),
-        "git": git_state(root),
+        "git": git_state(root, outputs),
         "versions": library_versions(),
         "threads": {
             "bench process": torch.get_num_threads(),

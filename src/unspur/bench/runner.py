@@ -482,7 +482,7 @@ def run_suite(
         for table, run_rows, _ in everything.values()
         for r in run_rows
     ]
-    record = provenance(suite_path, extra, clock, all_runs)
+    record = provenance(suite_path, extra, clock, all_runs, out)
     for name, (table, run_rows, failures) in everything.items():
         assets = asset_lines(suite, name, records, bases[name][0])
         written.append(
