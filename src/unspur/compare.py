@@ -32,7 +32,7 @@ import numpy as np
 from unspur.config import RunConfig, apply_overrides, config_from_dict
 from unspur.errors import ConfigError, UnspurError
 from unspur.evaluate.metrics import DEFINITIONS
-from unspur.io import atomic_write_json, atomic_write_text, exclusive_lock
+from unspur.io import atomic_write_json, atomic_write_text, exclusive_lock, lock_beside
 
 TABLE_METRICS = ("worst_group_accuracy", "average_accuracy", "balanced_accuracy")
 COLUMN = {
@@ -404,7 +404,7 @@ def compare(
             log(f"{step}: its ERM run is training in another process; left for that process")
             elsewhere.append(run_dir)
             continue
-        with exclusive_lock(run_dir.parent / f".{run_dir.name}.lock") as mine:
+        with exclusive_lock(lock_beside(run_dir)) as mine:
             if not mine:
                 log(f"{step}: running in another process ({run_dir}); left for that process")
                 elsewhere.append(run_dir)

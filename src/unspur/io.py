@@ -83,6 +83,12 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def lock_beside(folder: Path) -> Path:
+    """The lock file of ``folder`` (a run or an asset) for :func:`exclusive_lock`: a
+    hidden file next to it, so the folder holds only what its run or build wrote."""
+    return folder.parent / f".{folder.name}.lock"
+
+
 @contextlib.contextmanager
 def exclusive_lock(path: str | Path, wait: bool = False) -> Iterator[bool]:
     """Hold an exclusive lock on ``path`` (created if absent) for the ``with`` block;

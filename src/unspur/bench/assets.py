@@ -51,7 +51,7 @@ from typing import Any
 
 from unspur.bench.provenance import Clock
 from unspur.errors import ConfigError, did_you_mean
-from unspur.io import atomic_write_json, exclusive_lock
+from unspur.io import atomic_write_json, exclusive_lock, lock_beside
 
 BUILDERS = ("domain_model", "ddpm", "judge")
 #: ``{asset:NAME}`` in an override: the folder of asset NAME (built by the runner).
@@ -268,7 +268,7 @@ def build_asset(name: str, spec: Any, work: Path, log, folders: dict[str, Path])
     # each) may need the same unbuilt asset: the first builds it under the lock, the
     # other waits and then finds it built (the builders return a finished asset as is).
     folder = asset_folder(name, spec.data, spec.seed, spec.options, work)
-    lock = folder.parent / f".{folder.name}.lock"
+    lock = lock_beside(folder)
     with exclusive_lock(lock) as mine:
         if mine:
             return build()
