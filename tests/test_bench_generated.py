@@ -110,6 +110,16 @@ def test_samples_grid_is_published_for_each_methods_first_seed(tmp_path):
     assert table[1]["samples"] == "-" and sorted(p.name for p in out.iterdir()) == [
         "synthetic-99_usb_seed0_samples.png"
     ]
+    # An earlier `--seeds 3,4` invocation published seed 3's grid; the full table's
+    # publish replaces it with seed 0's and leaves other settings' and methods' files.
+    for stale in ("synthetic-99_usb_seed3_samples.png", "synthetic-99.9_usb_seed3_samples.png",
+                  "synthetic-99_usb_x_seed3_samples.png"):  # fmt: skip
+        (out / stale).write_bytes(b"old")
+    publish(table, [{"method": "usb", "seed": 0, "samples": columns["samples"]}], out,
+            "synthetic-99")  # fmt: skip
+    assert sorted(p.name for p in out.iterdir()) == [
+        "synthetic-99.9_usb_seed3_samples.png", "synthetic-99_usb_seed0_samples.png",
+        "synthetic-99_usb_x_seed3_samples.png"]  # fmt: skip
 
 
 def test_a_generating_suite_judges_and_publishes_its_images(tmp_path, capsys):

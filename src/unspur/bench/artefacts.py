@@ -6,7 +6,9 @@ directory and returns it as an :class:`Artefact` column value. When the runner w
 setting's table, :func:`publish` copies the artefact of each method's first seed into
 the results folder as ``<setting>_<method>_seed<k>_<column>.<ext>`` (one file per
 method keeps the folder small; the other seeds' files stay in their run directories)
-and the table cell links to it. File names are made of ``[A-Za-z0-9._-]`` only, so a
+and the table cell links to it. A grid an earlier invocation published for another seed of
+the same method and column (a ``--seeds`` subset run first) is removed, so the folder
+holds only the files its tables link. File names are made of ``[A-Za-z0-9._-]`` only, so a
 label cannot reach outside the folder or into the markdown around it.
 """
 
@@ -59,6 +61,7 @@ def publish(
             name = safe_name(f"{stem}_{row['method']}_seed{row['seed']}_{key}")
             name += "." + safe_name(value.path.suffix[1:]) if value.path.suffix else ""
             out.mkdir(parents=True, exist_ok=True)
+            _remove_other_seeds(out, name, str(row["seed"]))
             shutil.copyfile(value.path, out / name)
             written.append(out / name)
             published[where] = row[key] = name
@@ -67,3 +70,13 @@ def publish(
             name = published.get((str(entry["method"]), key))
             entry[key] = f"[{safe_name(key)}]({name})" if name is not None else "-"
     return written
+
+
+def _remove_other_seeds(out: Path, name: str, seed: str) -> None:
+    """Delete ``out``'s files named like ``name`` but for another seed (same setting,
+    method and column): what an earlier ``--seeds`` subset invocation published."""
+    head, _, tail = name.partition(f"_seed{seed}_")
+    pattern = re.compile(re.escape(head) + r"_seed\d+_" + re.escape(tail))
+    for path in out.iterdir():
+        if path.name != name and pattern.fullmatch(path.name):
+            path.unlink()
