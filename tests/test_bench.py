@@ -56,6 +56,16 @@ def write_suite(path: Path, methods: dict, **extra) -> Path:
         ({"assets": {"g": {"build": "domain_model"}}}, "assets.g.data"),
         ({"methods": {"x": {"method": "usb", "set": ["m.o.generator={asset:gne}"]}}}, "gne"),
         ({"settings": {"a": {"set": ["groupdrop:method.options.eta=1"]}}}, "'groupdrop'"),
+        ({"settings": {"a": {"methods": ["erm", "groupdrop"]}}}, "'groupdrop'"),
+        ({"settings": {"a": {"methods": "erm"}}}, "settings.a.methods"),
+        ({"methods": ["erm", "jtt"], "settings": {"a": {"methods": ["jtt"]}}}, "leaves out erm"),
+        (
+            {
+                "methods": ["erm", "jtt"],
+                "settings": {"a": {"methods": ["erm"], "set": ["jtt:method.options.upweight=5"]}},
+            },
+            "settings.a.methods leaves out",
+        ),  # fmt: skip
     ],
 )
 def test_suite_errors_name_the_key(tmp_path, change, named):
@@ -92,6 +102,26 @@ def test_check_reads_each_settings_data_and_trains_nothing(tmp_path, capsys):
     assert main([*argv, "--seeds", "0"]) == 2
     err = capsys.readouterr().err
     assert "setting 'tiny'" in err and "'waterbirds'" in err  # the reader's own message
+
+
+def test_a_setting_runs_only_the_methods_it_lists(tmp_path, capsys):
+    """`settings.X.methods`: a subset of the suite's variants for one setting (e.g. a
+    learning-rate search only where it is asked); the others run every variant."""
+    path = write_suite(tmp_path / "s.yaml", {"erm": None, "groupdro": None})
+    values = yaml.safe_load(path.read_text())
+    values["settings"]["small"] = {"set": ["data.options.bias=0.8"], "methods": ["erm"]}
+    values["seeds"] = [0]
+    path.write_text(yaml.safe_dump(values))
+    suite = load_suite(path)
+    assert suite.labels_of("tiny") == ["erm", "groupdro"] and suite.labels_of("small") == ["erm"]
+    out, work = tmp_path / "out", tmp_path / "work"
+    assert main(["bench", str(path), "--check", "--work", str(work)]) == 0
+    assert "2 setting(s), 3 run(s) over 1 seed(s)" in capsys.readouterr().out
+    assert main(["bench", str(path), "--out", str(out), "--work", str(work)]) == 0
+    assert sorted(p.parent.name for p in (work / "small").glob("*/seed0-*")) == ["erm"]
+    assert [r["method"] for r in csv.DictReader((out / "small.csv").open())] == ["erm"]
+    assert "`groupdro`" not in (out / "small.md").read_text()  # not among its methods
+    assert [r["method"] for r in csv.DictReader((out / "tiny.csv").open())] == ["erm", "groupdro"]
 
 
 def test_plan_runs_variants_in_their_own_fingerprinted_directories(tmp_path):

@@ -93,7 +93,7 @@ def setting_base(
     setting = suite.settings[name]
     overrides = [*suite.overrides, *setting.overrides, "train.progress=false"]
     overrides = substitute(overrides, folders or {}, shared)
-    per_label = [o for o in overrides if label_of(o) in suite.variants]
+    per_label = [o for o in overrides if label_of(o) in suite.variants]  # checked by load_suite
     overrides = [o for o in overrides if o not in per_label]
     if threads is not None:
         overrides.append(f"train.threads={threads}")
@@ -187,14 +187,14 @@ def run_setting(
     configs: dict[tuple[str, int], RunConfig] = {
         (label, seed): config
         for label, seed, config, _ in plan(
-            base, suite.labels, seeds, per_label, work, variants, True
+            base, suite.labels_of(name), seeds, per_label, work, variants, True
         )
     }
     failures: list[str] = []
     before = {p for p in work.glob("*/seed*/results.json")} if work.exists() else set()
     summary = compare(
         base,
-        suite.labels,
+        suite.labels_of(name),
         seeds,
         work,
         per_label,
@@ -279,7 +279,8 @@ def asset_lines(
     """One paragraph per asset the setting reads: what it is and, for a built one, its
     provenance record and how its data relates to the setting's."""
     lines = []
-    used = list(dict.fromkeys(n for label in suite.labels for n in suite.assets_of(name, label)))
+    labels = suite.labels_of(name)
+    used = list(dict.fromkeys(n for label in labels for n in suite.assets_of(name, label)))
     for asset_name in used:
         asset = suite.assets[asset_name]
         if not asset.build:
@@ -363,7 +364,7 @@ def write_setting(
     notes = [f"- `{v.label}` = `{v.method}` "
              + (f"with `{' '.join(v.overrides)}`" if v.overrides else "as it stands")
              + (f": {v.note}" if v.note else "")
-             for v in suite.variants.values()]  # fmt: skip
+             for v in suite.variants.values() if v.label in suite.labels_of(name)]  # fmt: skip
     lines += ["## Methods", "", *notes, ""]
     if assets:
         lines += ["## Assets", "", *assets, ""]
@@ -414,7 +415,8 @@ def run_suite(
     out = Path(out) if out is not None else default_out(suite_path, suite.name)
     work = Path(work) if work is not None else Path("runs") / "bench" / suite.name
     # Every setting's data and every variant's config are checked before anything trains.
-    built = {n for name in names for label in suite.labels for n in suite.assets_of(name, label)}
+    built = {n for name in names for label in suite.labels_of(name)
+             for n in suite.assets_of(name, label)}  # fmt: skip
     built = [n for n in suite.assets if n in built and suite.assets[n].build]
     folders = {
         n: asset_folder(
@@ -433,7 +435,7 @@ def run_suite(
         try:
             plan(
                 base,
-                suite.labels,
+                suite.labels_of(name),
                 seeds,
                 per_label,
                 work / name,
@@ -452,8 +454,9 @@ def run_suite(
             except UnspurError as exc:
                 raise ConfigError(f"suite {suite_path}: setting {name!r}: {exc}") from None
     if check:
-        log(f"{suite_path}: {len(names)} setting(s) x {len(suite.labels)} method(s) x "
-            f"{len(seeds)} seed(s): every config is valid")  # fmt: skip
+        runs = sum(len(suite.labels_of(name)) for name in names) * len(seeds)
+        log(f"{suite_path}: {len(names)} setting(s), {runs} run(s) over {len(seeds)} "
+            f"seed(s): every config is valid")  # fmt: skip
         return []
     extra = []
     if seeds != suite.seeds:
@@ -526,7 +529,7 @@ def merged_provenance(
         used = {
             n: records[n]
             for n in records
-            if any(n in suite.assets_of(name, label) for label in suite.labels)
+            if any(n in suite.assets_of(name, label) for label in suite.labels_of(name))
         }
         settings[name] = {**record, "assets": used}
     ordered = {name: settings[name] for name in suite.settings if name in settings}

@@ -3,7 +3,9 @@
 A suite lists *settings* (a dataset and the config overrides that make it), *methods*
 (a method name, or a named variant of one: ``mac_views4: {method: mac, set: [...]}``),
 the *seeds*, the *assets* it reads from the data directory, and the *measurements*
-(:mod:`unspur.bench.measurements`) the table carries besides accuracy. Every problem is
+(:mod:`unspur.bench.measurements`) the table carries besides accuracy. Every setting
+runs every method unless it lists its own subset (``methods: [erm, ...]``, ERM
+included: it is the paired reference). Every problem is
 found when the file is read, before anything trains: an unknown key, method, variant,
 measurement or asset raises :class:`~unspur.errors.ConfigError` naming it.
 
@@ -50,7 +52,7 @@ TOP_KEYS = (
     "measurements",
     "notes",
 )
-SETTING_KEYS = ("config", "set", "root", "uses", "note")
+SETTING_KEYS = ("config", "set", "root", "uses", "methods", "note")
 METHOD_KEYS = ("method", "set", "oracle", "note")
 ASSET_KEYS = ("path", "labels", "what", "build", "data", "seed", "options")
 #: Which labels an asset's construction saw, as a supervision level (captions that name
@@ -93,6 +95,7 @@ class Setting:
     config: str | None = None  # a config file (from the repository root) the setting starts from
     uses: list[str] = field(default_factory=list)  # further assets (generators, ...)
     note: str = ""
+    methods: list[str] | None = None  # the variants this setting runs; None: every one
 
 
 @dataclass
@@ -131,6 +134,12 @@ class Suite:
     @property
     def labels(self) -> list[str]:
         return list(self.variants)
+
+    def labels_of(self, setting: str) -> list[str]:
+        """The variants ``setting`` runs, in the suite's order: its ``methods`` list, or
+        every variant of the suite when it has none."""
+        chosen = self.settings[setting].methods
+        return [label for label in self.variants if chosen is None or label in chosen]
 
     def compare_variants(self) -> dict[str, tuple[str, list[str]]]:
         """The ``variants`` argument of :func:`unspur.compare.plan`."""
@@ -217,6 +226,40 @@ def _overrides(value: Any, what: str, path: Path) -> list[str]:
     return list(value)
 
 
+def _names(value: Any, what: str, path: Path) -> list[str] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+        raise ConfigError(
+            f"suite {path}: {what} must be a non-empty list of the suite's method labels "
+            f"(e.g. [erm, groupdro]), got {value!r}"
+        )
+    return list(value)
+
+
+def _check_subset(setting: Setting, variants: dict[str, Variant], path: Path) -> None:
+    """A setting's ``methods`` names listed variants, keeps ERM (every table's paired
+    reference) and is named by each of the setting's ``LABEL:`` overrides."""
+    if setting.methods is None:
+        return
+    where = f"suite {path}: settings.{setting.name}.methods"
+    for label in setting.methods:
+        if label not in variants:
+            raise ConfigError(
+                f"{where} names {label!r}, which the suite's methods do not list"
+                f"{did_you_mean(label, variants)}"
+            )
+    if "erm" in variants and "erm" not in setting.methods:
+        raise ConfigError(f"{where} leaves out erm, the paired reference of every table; add it")
+    for override in setting.overrides:
+        head = label_of(override)
+        if head is not None and head in variants and head not in setting.methods:
+            raise ConfigError(
+                f"suite {path}: settings.{setting.name}.set: {override!r} is for method "
+                f"{head!r}, which settings.{setting.name}.methods leaves out"
+            )
+
+
 def _seeds(value: Any, path: Path) -> list[int]:
     if not isinstance(value, list) or not value:
         raise ConfigError(f"suite {path}: seeds must be a non-empty list like [0, 1, 2]")
@@ -289,6 +332,7 @@ def load_suite(path: str | Path) -> Suite:
             uses=list(uses),
             note=str(spec.get("note", "")),
             config=config,
+            methods=_names(spec.get("methods"), f"settings.{name}.methods", path),
         )
 
     for where, overrides in [
@@ -333,6 +377,8 @@ def load_suite(path: str | Path) -> Suite:
                     f"{head!r}, which the suite's methods do not list"
                     f"{did_you_mean(head, variants)}"
                 )
+    for setting in settings.values():  # a setting's `methods` subset
+        _check_subset(setting, variants, path)
     if "erm" in variants and variants["erm"].method != "erm":
         raise ConfigError(f"suite {path}: methods.erm must be ERM itself (the paired reference)")
 
