@@ -82,6 +82,15 @@ def test_ddpm_asset_trains_on_the_named_data_records_it_and_is_reused(tmp_path):
     logged.clear()
     again = build_asset("cm", spec, tmp_path / "w", logged.append, {"mnist": mnist})
     assert again == (folder, record) and not logged  # found built: not trained again
+    assert "resumed_from_step" not in record["cost"]
+    # Interrupted after its last checkpoint: the rebuild resumes, and its cost says that
+    # the seconds are those of the steps after the checkpoint only.
+    import shutil
+
+    (folder / "asset.json").unlink()
+    shutil.rmtree(folder / "ddpm")
+    _, resumed = build_asset("cm", spec, tmp_path / "w", logged.append, {"mnist": mnist})
+    assert resumed["cost"]["resumed_from_step"] == 2
 
 
 def test_ddpm_asset_on_clean_cifar10(tmp_path):

@@ -102,16 +102,21 @@ def asset_folder(name: str, overrides: list[str], seed: int, options: dict, work
     return work / "assets" / f"{name}-{key[:12]}"
 
 
-def build_cost(clock, elapsed: dict[str, float] | None = None) -> dict[str, Any]:
+def build_cost(
+    clock, elapsed: dict[str, float] | None = None, resumed_from_step: int = 0
+) -> dict[str, Any]:
     """An asset's cost record: wall and CPU seconds (``elapsed``, else the clock's now),
     the torch threads it was built with (its arithmetic depends on them: the bench's
-    ``--threads``) and when."""
+    ``--threads``) and when. ``resumed_from_step``: the training resumed from a
+    checkpoint of an interrupted process, so the seconds are those of the steps after it
+    only (recorded, not estimated: an earlier process's time is not known here)."""
     import torch
 
     return {
         **(elapsed or clock.elapsed()),
         "threads": torch.get_num_threads(),
         "built": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        **({"resumed_from_step": resumed_from_step} if resumed_from_step else {}),
     }
 
 
@@ -473,7 +478,7 @@ def build_ddpm(
         },
         "final_loss": (trained.result.losses or [{}])[-1],
         "h_share": shares,
-        "cost": build_cost(clock, cost),
+        "cost": build_cost(clock, cost, trained.result.resumed_from),
     }
     atomic_write_json(stored, record)
     return folder, record

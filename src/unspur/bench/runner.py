@@ -290,6 +290,8 @@ def asset_lines(
         r = records[asset_name]
         groups = ", ".join(f"{g} {n}" for g, n in r["data"]["per group"].items())
         cost = r["cost"]
+        step = cost.get("resumed_from_step")
+        resumed = f", of the steps after {step} only (resumed from a checkpoint)" if step else ""
         lines.append(
             f"- `{asset_name}`: {r['build']} built by this suite"
             f"{' (' + asset.what + ')' if asset.what else ''} from "
@@ -300,6 +302,7 @@ def asset_lines(
             + ", ".join(f"{k} {v}" for k, v in r["steps"].items())
             + f"; cost {cost['wall_seconds']} s wall, {cost['cpu_seconds']} s CPU"
             + (f", {cost['threads']} thread(s)" if "threads" in cost else "")
+            + resumed
             + f" (built {cost['built']})."
         )
     return lines
