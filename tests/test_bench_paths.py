@@ -37,6 +37,18 @@ def test_no_committed_bench_or_config_file_holds_an_absolute_machine_path():
     assert not offenders, offenders
 
 
+def test_bench_holds_suites_and_their_results_not_scripts():
+    """Every benchmark is a suite run by `unspur bench`: no loop script under bench/."""
+    listed = subprocess.run(["git", "ls-files", "bench"], cwd=REPO, capture_output=True, text=True)
+    if listed.returncode != 0:
+        pytest.skip("not a git checkout")
+    names = listed.stdout.split()
+    assert any(n.startswith("bench/suites/") for n in names)
+    stray = [n for n in names if not n.startswith(("bench/suites/", "bench/results/"))]
+    scripts = [n for n in names if n.endswith((".py", ".sh"))]
+    assert not stray and not scripts, stray + scripts
+
+
 def test_committed_suites_are_valid(tmp_path):
     """Every committed suite's methods, measurements and configs check out (no training)."""
     suites = sorted((REPO / "bench" / "suites").glob("*.yaml"))

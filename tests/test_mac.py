@@ -452,13 +452,6 @@ def test_views_are_labelled_a_speed_option_wherever_used():
     assert "a speed option, not the paper" in mac.__doc__
     assert "not given" not in mac.__doc__ and "could check" not in mac.__doc__
     bench = Path(__file__).resolve().parents[1] / "bench"
-    for path in sorted((bench / "results").glob("mac*.md")):  # legacy tables, until deleted
-        text = path.read_text()
-        assert "`views: 4`" in text and "speed option" in text, path.name
-        for line in text.splitlines():
-            cells = [c.strip() for c in line.split("|")]
-            if len(cells) > 3 and cells[2].startswith("mac"):
-                assert cells[2].endswith("_views4"), (path.name, line)
     # Every suite row that precomputes views says so in its name or its note; no row
     # without them carries the suffix.
     from unspur.bench.suite import load_suite

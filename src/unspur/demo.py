@@ -163,9 +163,9 @@ CDB_NOTE = (
     "random-init tiny CLIP (no CLIP weights offline: the filter is untested)"
 )
 #: DiffInject: no DDPM ships yet, so the method trains its own small one on the training
-#: images for a few hundred steps; its h-space barely carries content (h_share 0.08
-#: after 1,500 steps with every skip: bench/results/ddpm_hshare.md), so the synthetic
-#: images are mostly label noise.
+#: images for a few hundred steps; a small DDPM with every skip barely reads its h-space
+#: (h_share 0.08 at t = 500 even after 8,000 steps: the DiffInject suite's
+#: ``cmnist_ddpm_allskips``, bench/results/diffinject/colored_mnist-1_50steps_allskips.md), so the synthetic images are mostly label noise.
 DIFFINJECT = [
     "method.options.ddpm_steps=300",
     "method.options.ddpm_lr=5.0e-4",
@@ -178,7 +178,7 @@ DIFFINJECT = [
 DIFFINJECT_NOTE = (
     "NOT MEANINGFUL: its own small DDPM trained 300 steps here (the paper: an ADM pretrained "
     "on the domain; none ships yet), 20 DDIM steps (1000), 100 synthetic images (ratio "
-    "0.05; 0.1); such a DDPM does not carry content (bench/results/ddpm_hshare.md)"
+    "0.05; 0.1); such a DDPM does not carry content (bench/results/diffinject/)"
 )
 
 #: The quick demo: the shortcut (ERM), DFR (validation group labels, reuses ERM's model) and

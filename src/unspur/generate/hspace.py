@@ -611,8 +611,8 @@ def h_share(
     denominator's ``(x_donor - x_image) / sqrt(a)``), and only a model whose ``eps``
     predicts the content cancels that term. So the score grows with training as well as
     with how the decoder is wired: a U-Net with every skip connection cut, whose output
-    is a function of h alone, scored 0.003 after 150 steps
-    (``bench/results/ddpm_hshare.md``).
+    is a function of h alone, scored 0.003 after 150 steps (a study removed after
+    commit c157975: ``git show c157975:bench/results/ddpm_hshare.md``).
     """
     device, _ = _unet_device_dtype(unet)
     schedule = _Schedule(scheduler)

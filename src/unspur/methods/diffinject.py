@@ -109,15 +109,17 @@ Choices where the paper is silent (all options):
   These values assume a U-Net whose decoder reads h, as the large pretrained ADMs do;
   the small DDPM (one res block per level, attention only at the lowest level and in
   the middle block) trained on the biased split routes the content around h through
-  the skip connections (``h_share`` 0.08 after 1500 steps: ``bench/results/ddpm_hshare.md``;
-  0.03-0.25 in the deleted legacy CPU tables). ``ddpm_no_skip_below`` = n cuts the skip
+  the skip connections (``h_share`` 0.08 at t = 500 after 8000 steps, the DiffInject
+  suite's ``cmnist_ddpm_allskips`` in ``bench/results/diffinject/``; 0.03-0.25 in the
+  deleted legacy CPU tables). ``ddpm_no_skip_below`` = n cuts the skip
   connections of the n lowest decoder levels (:func:`~unspur.generate.ddpm.remove_skips`;
   our choice): with only the full-resolution skips left (n = 2 for the default 3-level
-  channels, 3 for 4 levels) h_share at t = 500 rose to 0.48 (median) after 5000 steps
-  and 0.51 after 8000 (256 pairs: 0.506, 95% interval 0.479-0.516), against 0.08 with
-  every skip at 1500 steps (``ddpm_hshare.md``); t = 700 stays near 0.09 and the cut
-  model draws few clean digits at these budgets, so 0 stays the default (the DiffInject
-  suite's Colored MNIST DDPM uses the cut). The generated image is resized back to the
+  channels, 3 for 4 levels) the suite's Colored MNIST DDPM reaches h_share 0.53 at
+  t = 500 after 8000 steps, against 0.08 for the same recipe with every skip
+  (``bench/results/diffinject/``, whose ``allskips`` setting measures what the cut does
+  to DiffInject itself); t = 700 stays near 0.1 and the cut model draws few clean digits
+  at these budgets, so 0 stays the default (the DiffInject suite's Colored MNIST DDPM
+  uses the cut). The generated image is resized back to the
   content image's size before it is stored.
 * *Classifier recipe* (architecture, optimiser, epochs): the run's train config.
 """
