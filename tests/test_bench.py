@@ -544,3 +544,28 @@ def test_the_suites_own_results_do_not_count_as_a_changed_checkout(tmp_path):
     assert git_state(tmp_path)["changed_files"] == 1
     (tmp_path / "code.py").write_text("x = 2\n")
     assert git_state(tmp_path, outputs)["changed_files"] == 1
+
+
+def test_each_run_records_the_commit_that_trained_it_and_the_table_lists_them(tmp_path):
+    """Runs are found again by config, which a code change does not move: the table says
+    which commits trained its runs, so a stale run shows."""
+    from unspur.bench.provenance import provenance_lines, trained_at
+
+    old, new, before = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    for folder in (old, new, before):
+        folder.mkdir()
+    assert trained_at(before, None) == "unknown"  # trained before the bench recorded it
+    assert trained_at(old, {"commit": "abcdef123456", "changed_files": 0}) == "abcdef1"
+    # found again later, under other code: the stamp is the training's, not today's
+    assert trained_at(old, {"commit": "9999999999", "changed_files": 0}) == "abcdef1"
+    assert trained_at(new, {"commit": "1234567890", "changed_files": 2}) == "1234567 +2 changed"
+    record = {"command": "c", "git": {"commit": "x", "changed_files": 0}, "versions": {}, "date": "d",
+              "threads": {"bench process": 1, "runs": [1]},
+              "cost": {"runs": 3, "trained by this invocation": 0, "run wall seconds (sum)": 1,
+                       "run CPU seconds (sum, known runs)": 1, "runs with known CPU seconds": 3,
+                       "this invocation": {"wall_seconds": 1, "cpu_seconds": 1}},
+              "machine": {"platform": "p", "machine": "m", "processor": "c", "cores": 2,
+                          "usable cores": 2},
+              "runs trained at": {"abcdef1": 2, "unknown": 1}}  # fmt: skip
+    line = provenance_lines(record)[-1]
+    assert line.startswith("- runs trained at: `abcdef1` (2), unknown (1: trained before")

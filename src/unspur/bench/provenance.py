@@ -8,6 +8,7 @@ repository's own paths and the data directory's), never a machine's absolute pat
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import re
@@ -15,9 +16,12 @@ import resource
 import shlex
 import subprocess
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from unspur.io import atomic_write_json
 
 #: An absolute path of one machine: what a results file or a script must not hold.
 MACHINE_PATH = re.compile(r"(?<![\w.~-])/(?:tmp|root|home|work|Users|mnt|scratch)/")
@@ -71,6 +75,33 @@ def git_state(root: Path | None, outputs: Path | None = None) -> dict[str, Any]:
         folder = outputs.resolve().relative_to(root.resolve()).as_posix() + "/"
         changed = [path for path in changed if not path.startswith(folder)]
     return {"commit": commit, "changed_files": len(changed)}
+
+
+#: A run folder's record of the checkout that trained it (written by the bench).
+TRAINED_AT = "trained_at.json"
+
+
+def code_state(suite: Path, outputs: Path | None = None) -> dict[str, Any]:
+    """The checkout's commit and changed files now (:func:`git_state` of the suite's
+    repository), for the runs this invocation trains."""
+    return git_state(repo_root(suite.resolve()), outputs)
+
+
+def trained_at(run_dir: Path, code: dict[str, Any] | None) -> str:
+    """The commit that trained ``run_dir``'s run, short (``+N changed`` for a dirty
+    checkout); ``code`` given: the run was trained just now, so it is recorded first.
+    Runs are found again by their config's fingerprint, which a change of code does not
+    move, so a table can hold runs of several commits: the table says which."""
+    stamp = run_dir / TRAINED_AT
+    if code is not None and not stamp.is_file():
+        atomic_write_json(stamp, code)
+    try:
+        record = json.loads(stamp.read_text())
+    except (OSError, json.JSONDecodeError):
+        return "unknown"
+    changed = record.get("changed_files")
+    commit = str(record.get("commit", "unknown"))[:7]
+    return commit + (f" +{changed} changed" if changed else "")
 
 
 def machine() -> dict[str, Any]:
@@ -138,6 +169,7 @@ def provenance(
 
     root = repo_root(suite.resolve())
     trained = [r for r in runs if not r["skipped"]]
+    commits = Counter(r.get("trained_at", "unknown") for r in runs)
     cpu = [r["cpu_seconds"] for r in runs if r["cpu_seconds"] is not None]
     return {
         "command": relative_command(suite, root, extra_args),
@@ -157,6 +189,7 @@ def provenance(
         },
         "machine": machine(),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "runs trained at": dict(sorted(commits.items())),
     }
 
 
@@ -193,4 +226,15 @@ def provenance_lines(record: dict[str, Any]) -> list[str]:
         f"- machine: {m['platform']} ({m['machine']}, processor {m['processor']}), "
         f"{m['cores']} cores, {m['usable cores']} usable by the process",
         f"- written: {record['date']}",
+        *trained_at_line(record),
     ]
+
+
+def trained_at_line(record: dict[str, Any]) -> list[str]:
+    """Which commits trained the table's runs ("unknown": before the bench recorded it)."""
+    commits = record.get("runs trained at")
+    if not commits:
+        return []
+    parts = [f"`{c}` ({n})" if c != "unknown" else f"unknown ({n}: trained before the bench "
+             "recorded commits, or outside a git checkout)" for c, n in commits.items()]  # fmt: skip
+    return [f"- runs trained at: {', '.join(parts)}"]

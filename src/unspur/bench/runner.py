@@ -27,7 +27,14 @@ import numpy as np
 from unspur.bench.artefacts import publish
 from unspur.bench.assets import asset_folder, build_asset, relation
 from unspur.bench.measurements import measure
-from unspur.bench.provenance import Clock, machine_paths, provenance, provenance_lines
+from unspur.bench.provenance import (
+    Clock,
+    code_state,
+    machine_paths,
+    provenance,
+    provenance_lines,
+    trained_at,
+)
 from unspur.bench.suite import (
     ASSET_REF,
     SHARED_REF,
@@ -180,8 +187,11 @@ def run_setting(
     work: Path,
     log: Callable[[str], None],
     folders: dict[str, Path] | None = None,
+    code: dict[str, Any] | None = None,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[str]]:
-    """Run (or find finished) one setting; returns (table rows, run rows, failures)."""
+    """Run (or find finished) one setting; returns (table rows, run rows, failures).
+    ``code``: the checkout's state, stamped into each run this call trains
+    (:func:`~unspur.bench.provenance.trained_at`)."""
     variants = variants_with(suite, folders or {}, shared_folder(work))
     base, per_label = base
     configs: dict[tuple[str, int], RunConfig] = {
@@ -231,6 +241,9 @@ def run_setting(
                 "selection": r["selection"],
                 "run": f"{run_dir.parent.name}/{run_dir.name}",
                 "_skipped": (run_dir / "results.json") in before,
+                "_trained_at": trained_at(
+                    run_dir, None if (run_dir / "results.json") in before else code
+                ),
                 "_cpu": cpu,
                 "_threads": results.get("threads"),
                 "_wall": results.get("wall_seconds"),
@@ -474,13 +487,17 @@ def run_suite(
         spec = suite.assets[asset]
         folder, records[asset] = build_asset(asset, spec, work, log, folders)
         assert folder == folders[asset]
+    code = code_state(suite_path, out)
     for name in names:
         log(f"== {suite.name}: setting {name}")
-        everything[name] = run_setting(suite, name, bases[name], seeds, work / name, log, folders)
+        everything[name] = run_setting(
+            suite, name, bases[name], seeds, work / name, log, folders, code
+        )
     out.mkdir(parents=True, exist_ok=True)
     all_runs = [
         {
             "skipped": r["_skipped"],
+            "trained_at": r["_trained_at"],
             "cpu_seconds": r["_cpu"],
             "threads": r["_threads"],
             "wall_seconds": r["_wall"],
