@@ -100,7 +100,7 @@ def setting_base(
     setting = suite.settings[name]
     overrides = [*suite.overrides, *setting.overrides, "train.progress=false"]
     overrides = substitute(overrides, folders or {}, shared)
-    per_label = [o for o in overrides if label_of(o) in suite.variants]  # checked by load_suite
+    per_label = [o for o in overrides if label_of(o) in suite.variants]
     overrides = [o for o in overrides if o not in per_label]
     if threads is not None:
         overrides.append(f"train.threads={threads}")
@@ -225,6 +225,7 @@ def run_setting(
         columns = measure(suite.measurements, run_dir, {**results, "bench_assets": assets})
         cost = run_dir / "cost.json"
         cpu = json.loads(cost.read_text()).get("cpu_seconds") if cost.is_file() else None
+        skipped = (run_dir / "results.json") in before  # found finished, not trained now
         config = configs[(r["method"], r["seed"])]
         variant = suite.variants.get(r["method"])
         measured.setdefault(r["method"], []).append(columns)
@@ -240,10 +241,8 @@ def run_setting(
                 **{k: f"{r[k]:.1f}" for k in (*TABLE_METRICS, "accuracy")},
                 "selection": r["selection"],
                 "run": f"{run_dir.parent.name}/{run_dir.name}",
-                "_skipped": (run_dir / "results.json") in before,
-                "_trained_at": trained_at(
-                    run_dir, None if (run_dir / "results.json") in before else code
-                ),
+                "_skipped": skipped,
+                "_trained_at": trained_at(run_dir, None if skipped else code),
                 "_cpu": cpu,
                 "_threads": results.get("threads"),
                 "_wall": results.get("wall_seconds"),
