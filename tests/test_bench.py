@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import helpers
@@ -352,6 +353,7 @@ def test_a_generator_asset_is_built_once_recorded_and_invalidates_its_runs(tmp_p
     assert main(argv) == 0, capsys.readouterr().err
     md = (out / "tiny.md").read_text()
     assert "## Assets" in md and "domain_model built by this suite" in md
+    assert re.search(r"\(built [^)]*, by this code\)", md)  # its code version recorded
     assert "its train split: 160 images" in md and "Labels seen: train_groups" in md
     assert "data.options.seed: None -> 5" in md  # another draw than the benchmark's
     folders = [f for f in (work / "assets").iterdir() if f.is_dir()]
@@ -372,6 +374,17 @@ def test_a_generator_asset_is_built_once_recorded_and_invalidates_its_runs(tmp_p
     assert len([f for f in (work / "assets").iterdir() if f.is_dir()]) == 2
     changed = sorted({k.split("/")[0] for k in set(_stamps(work / "tiny")) - set(first)})
     assert changed == ["usb_gen"]
+
+
+def test_an_asset_built_by_other_code_says_so():
+    """Assets are found by their spec alone (a DDPM costs CPU-hours), so a table says
+    when one was built by other code, and how to rebuild it."""
+    from unspur.bench.runner import _built_by
+    from unspur.code_version import code_version
+
+    assert _built_by(code_version()) == ", by this code"
+    assert "**by other code** (0123456789: delete its folder" in _built_by("0123456789")
+    assert "not recorded" in _built_by(None)
 
 
 def test_a_second_process_waits_for_an_asset_being_built_and_does_not_build_it_again(
@@ -490,6 +503,41 @@ def test_a_work_folder_spelled_absolutely_finds_the_runs_made_relatively(
     assert main([*base, "--work", str(tmp_path / "work")]) == 0
     out = capsys.readouterr().out
     assert out.count("finished earlier, skipped") == 2 and "running in" not in out
+
+
+def test_a_change_of_code_trains_again_and_reuse_takes_the_old_runs(tmp_path, capsys, monkeypatch):
+    """Run folders carry the code version: other code trains every run again in new
+    folders (the old ones kept); ``--reuse-other-code`` takes the old runs and the table
+    says so (an ERM reference found under other code carries its dependants with it)."""
+    import unspur.bench.runner as runner
+
+    path = write_suite(tmp_path / "s.yaml", {"erm": None, "dfr_val": None}, seeds=[0])
+    work, out = tmp_path / "work", tmp_path / "out"
+    argv = ["bench", str(path), "--work", str(work), "--out", str(out), "--threads", "1"]
+    monkeypatch.setattr(runner, "code_version", lambda: "aaaaaaaaaa")
+    assert main(argv) == 0
+    first = sorted(p.parent.parent.name + "/" + p.parent.name
+                   for p in (work / "tiny").glob("*/seed0-*/results.json"))  # fmt: skip
+    assert len(first) == 2 and all(name.endswith("-aaaaaaaaaa") for name in first)
+    capsys.readouterr()
+
+    monkeypatch.setattr(runner, "code_version", lambda: "bbbbbbbbbb")
+    assert main([*argv, "--reuse-other-code"]) == 0
+    assert capsys.readouterr().out.count("finished earlier, skipped") == 2
+    md = (out / "tiny.md").read_text()
+    assert "--reuse-other-code" in md and "**2 run(s) trained by other code**" in md
+    runs = list(csv.DictReader((out / "tiny_runs.csv").open()))
+    assert all(r["run"].endswith("-aaaaaaaaaa") for r in runs)
+
+    assert main(argv) == 0
+    out_text = capsys.readouterr().out
+    assert "finished earlier" not in out_text and out_text.count("running in") == 2
+    now = sorted(p.parent.parent.name + "/" + p.parent.name
+                 for p in (work / "tiny").glob("*/seed0-*/results.json"))  # fmt: skip
+    assert len(now) == 4 and set(first) < set(now)  # the old runs are kept
+    assert "trained by other code" not in (out / "tiny.md").read_text()
+    runs = list(csv.DictReader((out / "tiny_runs.csv").open()))
+    assert all(r["run"].endswith("-bbbbbbbbbb") for r in runs)
 
 
 def test_only_invocations_keep_each_settings_provenance(tmp_path, capsys):

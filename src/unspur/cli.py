@@ -238,6 +238,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
         only=parse_list(args.only, "--only") if args.only else None,
         threads=args.threads,
         check=args.check,
+        reuse_other_code=args.reuse_other_code,
     )
     for path in written:
         print(f"table: {path}")
@@ -385,6 +386,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument(
         "--check", action="store_true", help="check the suite and every config; train nothing"
+    )
+    bench.add_argument(
+        "--reuse-other-code",
+        action="store_true",
+        help="take finished runs trained by other code (an older checkout) instead of "
+        "training them again; the tables say how many",
     )
     bench.set_defaults(func=cmd_bench)
 

@@ -113,6 +113,18 @@ def spelled_from_cwd(path: Path) -> Path:
         return path
 
 
+def other_code_run(config: RunConfig, folder: Path, stem: str) -> Path | None:
+    """The newest finished run of ``config`` in ``folder`` named ``<stem>`` (before code
+    versions named folders) or ``<stem>-<code version>``; None when there is none."""
+    from unspur.stages import is_finished
+
+    found = [
+        d for d in folder.glob(f"{stem}*")
+        if (d.name == stem or d.name.startswith(stem + "-")) and is_finished(config, d)
+    ]  # fmt: skip
+    return max(found, key=lambda d: (d / "results.json").stat().st_mtime, default=None)
+
+
 def plan(
     base: dict[str, Any],
     methods: list[str],
@@ -121,6 +133,8 @@ def plan(
     out_dir: Path,
     variants: dict[str, tuple[str, list[str]]] | None = None,
     fingerprinted_dirs: bool = False,
+    code: str | None = None,
+    reuse_other_code: bool = False,
 ) -> list[tuple[str, int, RunConfig, Path]]:
     """Every (method, seed, config, run dir), ERM first; all configs validated up front.
 
@@ -130,9 +144,14 @@ def plan(
     ``OUT/<label>/seed<k>-<run fingerprint>``: a changed config (or a changed ERM
     reference, whose directory is part of the config that reuses it) gets a new directory
     and runs again, an unchanged one is found finished (the bench's exact invalidation).
+    ``code`` (with ``fingerprinted_dirs``; :func:`~unspur.code_version.code_version`)
+    appends the code version, ``seed<k>-<fingerprint>-<code>``: a change of code trains
+    again in new folders. ``reuse_other_code``: a run not finished under this code takes
+    a finished run of the same config under another code version (the newest), or of a
+    folder named before code versions were, when there is one (:func:`other_code_run`).
     """
     from unspur.methods.base import get_method
-    from unspur.stages import run_fingerprint
+    from unspur.stages import is_finished, run_fingerprint
 
     variants = variants or {}
     out_dir = spelled_from_cwd(out_dir)
@@ -181,7 +200,10 @@ def plan(
             config = config_for(name, seed, reference)
             run_dir = out_dir / name / f"seed{seed}"
             if fingerprinted_dirs:
-                run_dir = run_dir.with_name(f"seed{seed}-{run_fingerprint(config)[:12]}")
+                stem = f"seed{seed}-{run_fingerprint(config)[:12]}"
+                run_dir = run_dir.with_name(f"{stem}-{code}" if code else stem)
+                if reuse_other_code and not is_finished(config, run_dir):
+                    run_dir = other_code_run(config, run_dir.parent, stem) or run_dir
             if name == "erm":
                 erm_dirs[seed] = run_dir
             runs.append((name, seed, config, run_dir))
@@ -374,14 +396,16 @@ def compare(
     fingerprinted_dirs: bool = False,
     failures: list[str] | None = None,
     reports: bool = True,
+    code: str | None = None,
+    reuse_other_code: bool = False,
 ) -> dict[str, Any]:
     """Run every (method, seed) (skipping finished runs), then write the tables and report.
 
     ``base`` is a config mapping (a YAML file's content, or ``{}`` for the defaults).
     ``estimate`` (method -> seconds) seeds the time-left estimate before any run has finished
     (the demo passes its measured costs); afterwards the estimate follows the measured pace.
-    ``variants`` and ``fingerprinted_dirs`` go to :func:`plan` (``unspur bench`` uses
-    them). With a ``failures`` list, a run that refuses its data or options (an
+    ``variants``, ``fingerprinted_dirs``, ``code`` and ``reuse_other_code`` go to
+    :func:`plan` (``unspur bench`` uses them). With a ``failures`` list, a run that refuses its data or options (an
     :class:`UnspurError`) is recorded there as ``"label seed k: reason"`` and left out of
     the table instead of stopping the comparison. ``reports=False`` writes no HTML. Every
     run that trains here leaves ``cost.json`` (wall and CPU seconds of this process).
@@ -392,7 +416,17 @@ def compare(
     from unspur.stages import changed_defaults, is_finished
 
     out_dir = Path(out_dir)
-    runs = plan(base, methods, seeds, overrides or [], out_dir, variants, fingerprinted_dirs)
+    runs = plan(
+        base,
+        methods,
+        seeds,
+        overrides or [],
+        out_dir,
+        variants,
+        fingerprinted_dirs,
+        code,
+        reuse_other_code,
+    )
     order = list(dict.fromkeys(name for name, *_ in runs))
     done = []
     elsewhere: list[Path] = []  # runs another process holds (a second bench on this folder)

@@ -50,6 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from unspur.bench.provenance import Clock
+from unspur.code_version import code_version
 from unspur.errors import ConfigError, did_you_mean
 from unspur.io import atomic_write_json, exclusive_lock, lock_beside
 
@@ -109,13 +110,17 @@ def build_cost(
     the torch threads it was built with (its arithmetic depends on them: the bench's
     ``--threads``) and when. ``resumed_from_step``: the training resumed from a
     checkpoint of an interrupted process, so the seconds are those of the steps after it
-    only (recorded, not estimated: an earlier process's time is not known here)."""
+    only (recorded, not estimated: an earlier process's time is not known here). The
+    code version is recorded, not part of the folder's name (our choice: a DDPM costs
+    hours of CPU, so a change of code does not rebuild it; the table says when it was
+    built by other code)."""
     import torch
 
     return {
         **(elapsed or clock.elapsed()),
         "threads": torch.get_num_threads(),
         "built": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "code_version": code_version(),
         **({"resumed_from_step": resumed_from_step} if resumed_from_step else {}),
     }
 

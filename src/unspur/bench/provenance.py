@@ -90,8 +90,9 @@ def code_state(suite: Path, outputs: Path | None = None) -> dict[str, Any]:
 def trained_at(run_dir: Path, code: dict[str, Any] | None) -> str:
     """The commit that trained ``run_dir``'s run, short (``+N changed`` for a dirty
     checkout); ``code`` given: the run was trained just now, so it is recorded first.
-    Runs are found again by their config's fingerprint, which a change of code does not
-    move, so a table can hold runs of several commits: the table says which."""
+    Run folders are named by config fingerprint and code version, so only
+    ``--reuse-other-code`` (or an unknown stamp) lets a table hold runs of several
+    commits: the table says which."""
     stamp = run_dir / TRAINED_AT
     if code is not None and not stamp.is_file():
         atomic_write_json(stamp, code)
@@ -170,6 +171,7 @@ def provenance(
     root = repo_root(suite.resolve())
     trained = [r for r in runs if not r["skipped"]]
     commits = Counter(r.get("trained_at", "unknown") for r in runs)
+    other_code = sum(bool(r.get("other_code")) for r in runs)
     cpu = [r["cpu_seconds"] for r in runs if r["cpu_seconds"] is not None]
     return {
         "command": relative_command(suite, root, extra_args),
@@ -190,6 +192,7 @@ def provenance(
         "machine": machine(),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "runs trained at": dict(sorted(commits.items())),
+        "runs of other code": other_code,
     }
 
 
@@ -237,4 +240,11 @@ def trained_at_line(record: dict[str, Any]) -> list[str]:
         return []
     parts = [f"`{c}` ({n})" if c != "unknown" else f"unknown ({n}: trained before the bench "
              "recorded commits, or outside a git checkout)" for c, n in commits.items()]  # fmt: skip
-    return [f"- runs trained at: {', '.join(parts)}"]
+    lines = [f"- runs trained at: {', '.join(parts)}"]
+    other = record.get("runs of other code")
+    if other:
+        lines.append(
+            f"- **{other} run(s) trained by other code** than this commit's (taken with "
+            "`--reuse-other-code`): this commit may not give their numbers"
+        )
+    return lines

@@ -43,6 +43,7 @@ from unspur.bench.suite import (
     oracle_mark,
     pipeline_symbol,
 )
+from unspur.code_version import code_version
 from unspur.compare import (
     COLUMN,
     DIFF_COLUMN,
@@ -188,16 +189,27 @@ def run_setting(
     log: Callable[[str], None],
     folders: dict[str, Path] | None = None,
     code: dict[str, Any] | None = None,
+    reuse_other_code: bool = False,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[str]]:
     """Run (or find finished) one setting; returns (table rows, run rows, failures).
     ``code``: the checkout's state, stamped into each run this call trains
-    (:func:`~unspur.bench.provenance.trained_at`)."""
+    (:func:`~unspur.bench.provenance.trained_at`); its ``code_version`` names the run
+    folders (:func:`~unspur.compare.plan`)."""
     variants = variants_with(suite, folders or {}, shared_folder(work))
     base, per_label = base
+    version = (code or {}).get("code_version")
     configs: dict[tuple[str, int], RunConfig] = {
         (label, seed): config
         for label, seed, config, _ in plan(
-            base, suite.labels_of(name), seeds, per_label, work, variants, True
+            base,
+            suite.labels_of(name),
+            seeds,
+            per_label,
+            work,
+            variants,
+            True,
+            version,
+            reuse_other_code,
         )
     }
     failures: list[str] = []
@@ -214,6 +226,8 @@ def run_setting(
         fingerprinted_dirs=True,
         failures=failures,
         reports=False,
+        code=version,
+        reuse_other_code=reuse_other_code,
     )
     measured: dict[str, list[dict[str, Any]]] = {}
     run_rows = []
@@ -243,6 +257,7 @@ def run_setting(
                 "run": f"{run_dir.parent.name}/{run_dir.name}",
                 "_skipped": skipped,
                 "_trained_at": trained_at(run_dir, None if skipped else code),
+                "_other_code": bool(version) and not run_dir.name.endswith(f"-{version}"),
                 "_cpu": cpu,
                 "_threads": results.get("threads"),
                 "_wall": results.get("wall_seconds"),
@@ -315,9 +330,18 @@ def asset_lines(
             + f"; cost {cost['wall_seconds']} s wall, {cost['cpu_seconds']} s CPU"
             + (f", {cost['threads']} thread(s)" if "threads" in cost else "")
             + resumed
-            + f" (built {cost['built']})."
+            + f" (built {cost['built']}"
+            + _built_by(cost.get("code_version"))
+            + ")."
         )
     return lines
+
+
+def _built_by(version: str | None) -> str:
+    """Whether an asset was built by this code (its folder is found by its spec alone)."""
+    if version == code_version():
+        return ", by this code"
+    return f", **by other code** ({version or 'not recorded'}: delete its folder to rebuild)"
 
 
 def seed_lines(suite: Suite, seeds: list[int]) -> list[str]:
@@ -406,9 +430,14 @@ def run_suite(
     threads: int | None = None,
     check: bool = False,
     check_data: bool = True,
+    reuse_other_code: bool = False,
     log: Callable[[str], None] = print,
 ) -> list[Path]:
     """Run a suite (resuming) and write its tables; returns the markdown files written.
+
+    Run folders carry the code version (:mod:`unspur.code_version`): after a change of
+    code every run trains again. ``reuse_other_code`` takes a finished run of the same
+    config under other code instead (the tables say how many, and the command says so).
 
     ``check``: only read the suite, build every run's config and (``check_data``) read
     every setting's data as its first seed would (errors as for a real run); train
@@ -442,6 +471,7 @@ def run_suite(
     for n in suite.assets:  # a dataset folder named by {asset:NAME} in an override
         if n not in folders and data_dir is not None and suite.assets[n].path is not None:
             folders[n] = data_dir / str(suite.assets[n].path)
+    version = code_version()
     bases = {
         name: setting_base(suite, name, data_dir, threads, folders, shared_folder(work / name))
         for name in names
@@ -456,6 +486,8 @@ def run_suite(
                 work / name,
                 variants_with(suite, folders, shared_folder(work / name)),
                 True,
+                version,
+                reuse_other_code,
             )
         except UnspurError as exc:
             raise ConfigError(f"suite {suite_path}: setting {name!r}: {exc}") from None
@@ -481,22 +513,25 @@ def run_suite(
     if threads is not None:
         extra += ["--threads", str(threads)]
         apply_threads(threads)  # assets train too: the same threads as the runs
+    if reuse_other_code:
+        extra += ["--reuse-other-code"]
     written, everything, records = [], {}, {}
     for asset in built:
         spec = suite.assets[asset]
         folder, records[asset] = build_asset(asset, spec, work, log, folders)
         assert folder == folders[asset]
-    code = code_state(suite_path, out)
+    code = {**code_state(suite_path, out), "code_version": version}
     for name in names:
-        log(f"== {suite.name}: setting {name}")
+        log(f"== {suite.name}: setting {name} (code version {version})")
         everything[name] = run_setting(
-            suite, name, bases[name], seeds, work / name, log, folders, code
+            suite, name, bases[name], seeds, work / name, log, folders, code, reuse_other_code
         )
     out.mkdir(parents=True, exist_ok=True)
     all_runs = [
         {
             "skipped": r["_skipped"],
             "trained_at": r["_trained_at"],
+            "other_code": r["_other_code"],
             "cpu_seconds": r["_cpu"],
             "threads": r["_threads"],
             "wall_seconds": r["_wall"],
