@@ -20,7 +20,7 @@ def sets(values: list[str]) -> list[str]:
     return [arg for value in values for arg in ("--set", value)]
 
 
-def test_compare_two_methods_two_seeds_then_skips(tmp_path, capsys):
+def test_compare_two_methods_two_seeds_then_skips(tmp_path, capsys, monkeypatch):
     out = tmp_path / "cmp"
     argv = [
         "compare",
@@ -69,6 +69,16 @@ def test_compare_two_methods_two_seeds_then_skips(tmp_path, capsys):
     assert again.count("finished earlier, skipped") == 4
     assert {p: p.stat().st_mtime_ns for p in out.glob("*/seed*/results.json")} == stamps
     assert (out / "comparison.md").read_text() == markdown
+
+    # Found finished under other code: kept (compare's folders are not per code version),
+    # and the log says so and how to train it again.
+    import unspur.code_version
+
+    monkeypatch.setattr(unspur.code_version, "code_version", lambda: "ffffffffff")
+    assert main(argv) == 0
+    notes = capsys.readouterr().out
+    assert notes.count("finished earlier, skipped") == 4
+    assert notes.count("trained by other code") == 4 and "delete the folder" in notes
 
 
 def test_plan_reuses_the_erm_reference(tmp_path):

@@ -125,6 +125,20 @@ def other_code_run(config: RunConfig, folder: Path, stem: str) -> Path | None:
     return max(found, key=lambda d: (d / "results.json").stat().st_mtime, default=None)
 
 
+def other_code(results: dict[str, Any]) -> str:
+    """A note for a finished run trained by other code than the installed one (its
+    numbers may not be what this code gives: delete the folder to train it again)."""
+    from unspur.code_version import code_version
+
+    used = results.get("code_version")
+    if used == code_version():
+        return ""
+    return (
+        f"; trained by other code ({used or 'code version not recorded'}, now "
+        f"{code_version()}): delete the folder to train it again"
+    )
+
+
 def plan(
     base: dict[str, Any],
     methods: list[str],
@@ -445,8 +459,8 @@ def compare(
                 continue
             finished = is_finished(config, run_dir)
             if finished and not changed_defaults(config, run_dir):
-                log(f"{step}: finished earlier, skipped ({run_dir})")
                 results = json.loads((run_dir / "results.json").read_text())
+                log(f"{step}: finished earlier, skipped ({run_dir}){other_code(results)}")
             else:
                 left = pace.seconds_left([n for n, *_ in runs[i - 1 :]])
                 eta = f"; about {format_duration(left)} left in all" if left is not None else ""

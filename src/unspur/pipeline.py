@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from unspur.code_version import code_version
 from unspur.config import RunConfig, dump_config
 from unspur.data.dataset import GroupDataset, drop_bad_images
 from unspur.data.registry import load_dataset
@@ -384,6 +385,9 @@ def run(config: RunConfig, out_dir: str | Path, *, force: bool = False) -> dict[
             "config": config.to_dict(),
             "method_options": options,
             "fingerprint": fingerprint,
+            # The code that trained it (unspur.code_version): a finished run is found
+            # again by its config, so a later reader can tell other code apart.
+            "code_version": code_version(),
             "versions": library_versions(),
             "threads": threads,
             "warnings": notes,
