@@ -376,6 +376,25 @@ def test_a_generator_asset_is_built_once_recorded_and_invalidates_its_runs(tmp_p
     assert changed == ["usb_gen"]
 
 
+def test_an_asset_only_an_unlisted_method_reads_is_not_built(tmp_path, capsys):
+    """A setting whose base method reads a built asset through ``method.options`` but
+    whose ``methods:`` lists ERM alone: ERM never receives the option, so the asset is
+    neither built nor needed (this raised a KeyError)."""
+    data = [o for o in DEBUG if o.startswith("data.")]
+    assets = {"gen": {"build": "domain_model", "data": data, "options": {"unet_steps": 1}}}
+    path = write_suite(tmp_path / "s.yaml", {"erm": None, "usb": None}, seeds=[0], assets=assets)
+    values = yaml.safe_load(path.read_text())
+    values["settings"]["tiny"] = {
+        "set": ["method.name=usb", "method.options.generator={asset:gen}"],
+        "methods": ["erm"],
+    }
+    path.write_text(yaml.safe_dump(values))
+    work = tmp_path / "work"
+    assert main(["bench", str(path), "--check", "--work", str(work)]) == 0
+    assert "1 setting(s), 1 run(s)" in capsys.readouterr().out
+    assert not (work / "assets").exists()
+
+
 def test_an_asset_built_by_other_code_says_so():
     """Assets are found by their spec alone (a DDPM costs CPU-hours), so a table says
     when one was built by other code, and how to rebuild it."""

@@ -75,8 +75,16 @@ def substitute(
     overrides: list[str], folders: dict[str, Path], shared: Path | None = None
 ) -> list[str]:
     """``overrides`` with every ``{asset:NAME}`` replaced by that asset's folder and
-    ``{shared}`` by the setting's folder for what its runs share (:data:`SHARED_REF`)."""
-    out = [ASSET_REF.sub(lambda m: str(folders[m.group(1)]), o) for o in overrides]
+    ``{shared}`` by the setting's folder for what its runs share (:data:`SHARED_REF`).
+    A reference to an asset not in ``folders`` stays as it is: no method of this
+    invocation receives it (a setting-level ``method.options`` that only the setting's
+    base method reads, while ``methods:`` lists ERM alone), so the asset is not built."""
+
+    def folder(match: re.Match) -> str:
+        found = folders.get(match.group(1))
+        return match.group(0) if found is None else str(found)
+
+    out = [ASSET_REF.sub(folder, o) for o in overrides]
     if shared is not None:
         out = [o.replace(SHARED_REF, str(shared)) for o in out]
     return out
