@@ -613,6 +613,19 @@ def test_the_suites_own_results_do_not_count_as_a_changed_checkout(tmp_path):
     assert git_state(tmp_path, outputs)["changed_files"] == 1
 
 
+def test_other_suites_tables_do_not_count_as_a_changed_checkout(tmp_path):
+    """Tables written to their default folder leave every suite's results out of the
+    count (another suite's tables in the same checkout are outputs, not code); tables
+    sent elsewhere leave out only their own folder."""
+    from unspur.bench.runner import bench_outputs
+
+    suite = tmp_path / "bench" / "suites" / "mac.yaml"
+    assert bench_outputs(suite, "mac", tmp_path / "bench" / "results" / "mac") == (
+        tmp_path / "bench" / "results"
+    )
+    assert bench_outputs(suite, "mac", tmp_path / "elsewhere") == tmp_path / "elsewhere"
+
+
 def test_each_run_records_the_commit_that_trained_it_and_the_table_lists_them(tmp_path):
     """Runs are found again by config, which a code change does not move: the table says
     which commits trained its runs, so a stale run shows."""

@@ -71,6 +71,15 @@ def default_out(suite_path: Path, name: str) -> Path:
     return Path("bench-results") / name
 
 
+def bench_outputs(suite_path: Path, name: str, out: Path) -> Path:
+    """What the checkout's changed-file count leaves out: the results root
+    (``bench/results``) when the tables go to their default folder, since every suite's
+    tables there are outputs of the bench, not code (a table another suite wrote in the
+    same checkout made every later table say "13 files differed"); else ``out``."""
+    default = default_out(suite_path, name)
+    return default.parent if out.resolve() == default.resolve() else out
+
+
 def substitute(
     overrides: list[str], folders: dict[str, Path], shared: Path | None = None
 ) -> list[str]:
@@ -528,7 +537,8 @@ def run_suite(
         spec = suite.assets[asset]
         folder, records[asset] = build_asset(asset, spec, work, log, folders)
         assert folder == folders[asset]
-    code = {**code_state(suite_path, out), "code_version": version}
+    outputs = bench_outputs(suite_path, suite.name, out)
+    code = {**code_state(suite_path, outputs), "code_version": version}
     for name in names:
         log(f"== {suite.name}: setting {name} (code version {version})")
         everything[name] = run_setting(
@@ -547,7 +557,7 @@ def run_suite(
         for table, run_rows, _ in everything.values()
         for r in run_rows
     ]
-    record = provenance(suite_path, extra, clock, all_runs, out)
+    record = provenance(suite_path, extra, clock, all_runs, outputs)
     for name, (table, run_rows, failures) in everything.items():
         assets = asset_lines(suite, name, records, bases[name][0])
         written.append(
