@@ -79,6 +79,7 @@ def test_compare_two_methods_two_seeds_then_skips(tmp_path, capsys, monkeypatch)
     notes = capsys.readouterr().out
     assert notes.count("finished earlier, skipped") == 4
     assert notes.count("trained by other code") == 4 and "delete the folder" in notes
+    assert "**4 run(s) trained by other code**" in (out / "comparison.md").read_text()
 
 
 def test_plan_reuses_the_erm_reference(tmp_path):

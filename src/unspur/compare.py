@@ -517,6 +517,15 @@ def compare(
     ]
     if command:
         header += [f"Command: `{command}`", ""]
+    other = [f"{r['method']} seed {r['seed']}" for r in done if other_code(r["results"])]
+    if other:
+        summary["runs_of_other_code"] = other
+        header += [
+            f"**{len(other)} run(s) trained by other code** than the installed version "
+            f"({', '.join(other)}): this code may not give their numbers; delete their "
+            "folders to train them again.",
+            "",
+        ]
     definitions = ["", "Definitions:", ""] + [f"- `{k}`: {v}" for k, v in DEFINITIONS.items()]
     atomic_write_text(
         out_dir / "comparison.md", "\n".join(header + [table_md] + definitions) + "\n"
