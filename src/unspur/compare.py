@@ -419,9 +419,10 @@ def compare(
     ``estimate`` (method -> seconds) seeds the time-left estimate before any run has finished
     (the demo passes its measured costs); afterwards the estimate follows the measured pace.
     ``variants``, ``fingerprinted_dirs``, ``code`` and ``reuse_other_code`` go to
-    :func:`plan` (``unspur bench`` uses them). With a ``failures`` list, a run that refuses its data or options (an
-    :class:`UnspurError`) is recorded there as ``"label seed k: reason"`` and left out of
-    the table instead of stopping the comparison. ``reports=False`` writes no HTML. Every
+    :func:`plan` (``unspur bench`` uses them). With a ``failures`` list, a run that
+    refuses its data or options (an :class:`UnspurError`) is recorded there as
+    ``"label seed k: reason"`` and left out of the table instead of stopping the
+    comparison. ``reports=False`` writes no HTML. Every
     run that trains here leaves ``cost.json`` (wall and CPU seconds of this process).
     Returns the summary written to ``comparison.json``.
     """

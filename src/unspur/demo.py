@@ -165,7 +165,9 @@ CDB_NOTE = (
 #: DiffInject: no DDPM ships yet, so the method trains its own small one on the training
 #: images for a few hundred steps; a small DDPM with every skip barely reads its h-space
 #: (h_share 0.08 at t = 500 even after 8,000 steps: the DiffInject suite's
-#: ``cmnist_ddpm_allskips``, bench/results/diffinject/colored_mnist-1_50steps_allskips.md), so the synthetic images are mostly label noise.
+#: ``cmnist_ddpm_allskips``,
+#: bench/results/diffinject/colored_mnist-1_50steps_allskips.md), so the synthetic images are
+#: mostly label noise.
 DIFFINJECT = [
     "method.options.ddpm_steps=300",
     "method.options.ddpm_lr=5.0e-4",
