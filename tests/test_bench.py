@@ -649,6 +649,27 @@ def test_other_suites_tables_do_not_count_as_a_changed_checkout(tmp_path):
     assert bench_outputs(suite, "mac", tmp_path / "elsewhere") == tmp_path / "elsewhere"
 
 
+def test_a_run_is_stamped_with_its_commit_as_it_finishes(tmp_path, monkeypatch):
+    """An invocation stopped after its runs and before its table (a session's end) still
+    leaves each finished run's commit stamp; a later tabulation reads it, not "unknown"."""
+    import unspur.bench.runner as runner
+    from unspur.bench.provenance import TRAINED_AT
+
+    path = write_suite(tmp_path / "s.yaml", {"erm": None}, seeds=[0])
+    work, out = tmp_path / "work", tmp_path / "out"
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt("stopped before the table")
+
+    monkeypatch.setattr(runner, "measure", stopped)
+    argv = ["bench", str(path), "--work", str(work), "--out", str(out), "--threads", "1"]
+    assert main(argv) != 0  # "interrupted; run the same command again to resume"
+    (run_dir,) = [p.parent for p in (work / "tiny").glob("erm/seed0-*/results.json")]
+    stamp = json.loads((run_dir / TRAINED_AT).read_text())
+    assert stamp["code_version"] == runner.code_version() and "commit" in stamp
+    assert not (out / "tiny.md").exists()
+
+
 def test_each_run_records_the_commit_that_trained_it_and_the_table_lists_them(tmp_path):
     """Runs are found again by config, which a code change does not move: the table says
     which commits trained its runs, so a stale run shows."""

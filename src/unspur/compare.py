@@ -412,6 +412,7 @@ def compare(
     reports: bool = True,
     code: str | None = None,
     reuse_other_code: bool = False,
+    on_trained: Callable[[Path], None] | None = None,
 ) -> dict[str, Any]:
     """Run every (method, seed) (skipping finished runs), then write the tables and report.
 
@@ -423,7 +424,9 @@ def compare(
     refuses its data or options (an :class:`UnspurError`) is recorded there as
     ``"label seed k: reason"`` and left out of the table instead of stopping the
     comparison. ``reports=False`` writes no HTML. Every
-    run that trains here leaves ``cost.json`` (wall and CPU seconds of this process).
+    run that trains here leaves ``cost.json`` (wall and CPU seconds of this process), and
+    ``on_trained`` (if given) is called with its folder at once, so what it records
+    survives an interruption later in the comparison (the bench stamps the commit).
     Returns the summary written to ``comparison.json``.
     """
     from unspur.pipeline import run
@@ -482,6 +485,8 @@ def compare(
                     run_dir / "cost.json",
                     {"wall_seconds": wall, "cpu_seconds": time.process_time() - cpu},
                 )
+                if on_trained is not None:
+                    on_trained(run_dir)
                 if reports:
                     write_run_report(run_dir, results)
         done.append(

@@ -239,7 +239,10 @@ def trained_at_line(record: dict[str, Any]) -> list[str]:
     if not commits:
         return []
     parts = [f"`{c}` ({n})" if c != "unknown" else f"unknown ({n}: trained before the bench "
-             "recorded commits, or outside a git checkout)" for c, n in commits.items()]  # fmt: skip
+             "recorded commits, by an invocation stopped before its table (stamps were "
+             "written with the table until 2026-12-08), or outside a git checkout; a run "
+             "folder's name still carries its code version)"
+             for c, n in commits.items()]  # fmt: skip
     lines = [f"- runs trained at: {', '.join(parts)}"]
     other = record.get("runs of other code")
     if other:

@@ -245,6 +245,9 @@ def run_setting(
         reports=False,
         code=version,
         reuse_other_code=reuse_other_code,
+        # stamped as each run finishes: an invocation stopped before its table is written
+        # (a session's end) still leaves every finished run's commit on record
+        on_trained=(lambda run_dir: trained_at(run_dir, code)) if code is not None else None,
     )
     measured: dict[str, list[dict[str, Any]]] = {}
     run_rows = []
