@@ -276,7 +276,7 @@ def run_setting(
                 "selection": r["selection"],
                 "run": f"{run_dir.parent.name}/{run_dir.name}",
                 "_skipped": skipped,
-                "_trained_at": trained_at(run_dir, None if skipped else code),
+                "_trained_at": trained_at(run_dir, None),  # stamped by on_trained above
                 "_other_code": bool(version) and not run_dir.name.endswith(f"-{version}"),
                 "_cpu": cpu,
                 "_threads": results.get("threads"),
